@@ -1,0 +1,30 @@
+-- voxpoll schema, version 1. Embedded into the binary (src/store/sqlite.rs) and applied at start;
+-- PRAGMA user_version tracks the applied version.
+
+-- One row per realtime session.
+CREATE TABLE IF NOT EXISTS sessions (
+    id              TEXT PRIMARY KEY,          -- UUID v4, hyphenated
+    user_id         TEXT,                      -- owner (NULL while auth is off)
+    token_sha256    TEXT NOT NULL,             -- hex SHA-256 of the session_token (never the token)
+    provider        TEXT NOT NULL,             -- provider name, e.g. "embedded"
+    engine          TEXT NOT NULL,             -- engine model type, e.g. "16k_zh"
+    options_json    TEXT NOT NULL,             -- the creation options as given
+    status          TEXT NOT NULL,             -- open | finishing | finished | cancelled | expired | failed
+    epoch           INTEGER NOT NULL,          -- changes whenever in-memory state may have been lost
+    acked_seq       INTEGER,                   -- highest contiguous chunk seq received (NULL: none)
+    audio_ms        INTEGER NOT NULL DEFAULT 0,-- audio received so far, ms at 16 kHz
+    transcript      TEXT NOT NULL DEFAULT '',  -- finals joined in sentence order
+    end_reason      TEXT,                      -- finished | cancelled | expired | failed
+    created_at_ms   INTEGER NOT NULL,          -- unix ms
+    updated_at_ms   INTEGER NOT NULL,
+    ended_at_ms     INTEGER
+);
+CREATE INDEX IF NOT EXISTS sessions_user_created ON sessions (user_id, created_at_ms);
+
+-- Every final sentence and terminal event of a session, in event-log order (`seq`).
+CREATE TABLE IF NOT EXISTS session_events (
+    session_id  TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq         INTEGER NOT NULL,              -- the event's seq in the session's log
+    event_json  TEXT NOT NULL,                 -- the event exactly as served by /events
+    PRIMARY KEY (session_id, seq)
+);

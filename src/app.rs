@@ -1,0 +1,123 @@
+//! Wiring: builds the store, providers and session engine from [`Config`], and serves the routes
+//! on a listener until a shutdown token fires.
+
+use crate::config::Config;
+use crate::http::{routes, AppState};
+use crate::provider::embedded::{EmbeddedProvider, EmbeddedSettings};
+use crate::provider::whisper::WhisperEngine;
+use crate::provider::Provider;
+use crate::session::{Providers, SessionManager};
+use crate::store::sqlite::Db;
+use anyhow::Context;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+
+/// Loads the embedded engine named by `config` (model file, decode pool).
+///
+/// # Errors
+/// Missing or unreadable model.
+pub fn load_engine(config: &Config) -> anyhow::Result<Arc<WhisperEngine>> {
+    Ok(Arc::new(WhisperEngine::load(
+        &config.model,
+        config.decode_workers,
+        config.decode_threads,
+    )?))
+}
+
+/// Builds the application state. `engine` lets callers (tests, the in-process `transcribe`)
+/// share one loaded model; `None` loads it from `config.model`. A model that fails to load
+/// leaves the server up but not ready (`/ready` says why).
+///
+/// # Errors
+/// The database cannot be opened or migrated.
+pub async fn build(
+    config: Config,
+    engine: Option<Arc<WhisperEngine>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppState> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let db = Db::open(&config.db)
+        .await
+        .with_context(|| format!("opening database {}", config.db.display()))?;
+    let engine = match engine {
+        Some(e) => Ok(e),
+        None => {
+            let cfg = Arc::clone(&config);
+            tokio::task::spawn_blocking(move || load_engine(&cfg))
+                .await?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "embedded engine not loaded");
+                    format!("{e:#}")
+                })
+        }
+    };
+    let embedded: Arc<dyn Provider> = Arc::new(EmbeddedProvider::new(
+        engine,
+        EmbeddedSettings {
+            partial_interval_ms: config.partial_interval_ms,
+            vad_silence_ms: config.vad_silence_ms,
+        },
+    ));
+    let mut by_name = HashMap::new();
+    by_name.insert(embedded.name().to_string(), embedded);
+    let providers = Providers {
+        default: "embedded".into(),
+        by_name,
+    };
+    let sessions = SessionManager::new(Arc::clone(&config), Arc::new(db), providers, shutdown);
+    let orphans = sessions.recover_orphans().await?;
+    if orphans > 0 {
+        tracing::warn!(
+            orphans,
+            "sessions left open by a previous process were recorded as failed"
+        );
+    }
+    Ok(AppState { config, sessions })
+}
+
+/// Binds `addr` with a large accept backlog (warp's own bind uses 128 and panics on failure).
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    Ok(socket.listen(4096)?)
+}
+
+/// Serves until `shutdown` fires; then waiting polls return, sessions finish or record their
+/// end, and open connections drain.
+///
+/// # Errors
+/// Never after a successful start today; kept fallible for future listeners.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let sessions = state.sessions.clone();
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    let signal = shutdown.clone();
+    let server = warp::serve(routes(state))
+        .incoming(listener)
+        .graceful(async move { signal.cancelled().await });
+    let server = tokio::spawn(server.run());
+    shutdown.cancelled().await;
+    tracing::info!("shutdown begun");
+    sessions.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    tracing::info!("shutdown finished");
+    Ok(())
+}

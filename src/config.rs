@@ -1,0 +1,190 @@
+//! Server configuration: one declaration gives the `serve` flags, their `VOXPOLL_*` environment
+//! variables and `--help`. README.md's configuration table mirrors this file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `voxpoll serve` can be told. Every limit lives here, with its unit in the name.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Address to bind.
+    #[arg(long, env = "VOXPOLL_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// TCP port. When unset, the `PORT` variable that cloud hosts set is used, then 8080.
+    #[arg(long, env = "VOXPOLL_PORT")]
+    pub port: Option<u16>,
+
+    /// SQLite database file (created if missing).
+    #[arg(long, env = "VOXPOLL_DB", default_value = "voxpoll.db")]
+    pub db: PathBuf,
+
+    /// whisper.cpp ggml model for the embedded provider (`scripts/setup` puts it here).
+    #[arg(long, env = "VOXPOLL_MODEL", default_value_os_t = default_model_path())]
+    pub model: PathBuf,
+
+    /// Default long-poll hold when the client gives no `wait_ms`, in ms.
+    #[arg(long, env = "VOXPOLL_POLL_HOLD_MS", default_value_t = 25_000)]
+    pub poll_hold_ms: u64,
+
+    /// Longest hold a client may ask for, in ms. Keep it below the shortest proxy or client
+    /// timeout on the path (wx.request caps at 60 s; callContainer at 15 s).
+    #[arg(long, env = "VOXPOLL_POLL_MAX_HOLD_MS", default_value_t = 50_000)]
+    pub poll_max_hold_ms: u64,
+
+    /// Largest audio chunk body, in bytes (callContainer caps requests at 100 KB).
+    #[arg(long, env = "VOXPOLL_MAX_CHUNK_BYTES", default_value_t = 96 * 1024)]
+    pub max_chunk_bytes: usize,
+
+    /// Chunk uploads a client should keep in flight at once (advertised; wx allows 10 requests).
+    #[arg(long, env = "VOXPOLL_MAX_INFLIGHT", default_value_t = 2)]
+    pub max_inflight: u32,
+
+    /// Reorder window in chunks: a chunk up to this many seqs ahead of the next expected one is
+    /// buffered; further ahead is rejected with 409 `seq_out_of_window`.
+    #[arg(long, env = "VOXPOLL_REORDER_WINDOW", default_value_t = 16)]
+    pub reorder_window: u64,
+
+    /// Audio bytes a session may hold accepted but not yet consumed by its provider; beyond it
+    /// uploads get 429 `backpressure`.
+    #[arg(long, env = "VOXPOLL_MAX_BUFFERED_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
+
+    /// Sessions open at once on this instance; beyond it creation gets 429.
+    #[arg(long, env = "VOXPOLL_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+
+    /// A session with no upload and no poll for this long expires, in ms. Mini-programs pause
+    /// for 5-60 s when sent to the background.
+    #[arg(long, env = "VOXPOLL_SESSION_IDLE_MS", default_value_t = 60_000)]
+    pub session_idle_ms: u64,
+
+    /// Longest audio a session may carry, in ms (RecorderManager's own cap is 600 s).
+    #[arg(long, env = "VOXPOLL_SESSION_MAX_AUDIO_MS", default_value_t = 600_000)]
+    pub session_max_audio_ms: u64,
+
+    /// How long an ended session stays in memory for late polls, in ms; afterwards its finals
+    /// and end event are served from the database.
+    #[arg(long, env = "VOXPOLL_SESSION_LINGER_MS", default_value_t = 120_000)]
+    pub session_linger_ms: u64,
+
+    /// Superseded partials kept in a session's log before they are coalesced away.
+    #[arg(long, env = "VOXPOLL_MAX_LOG_EVENTS", default_value_t = 1024)]
+    pub max_log_events: usize,
+
+    /// Largest JSON request body, in bytes.
+    #[arg(long, env = "VOXPOLL_MAX_JSON_BYTES", default_value_t = 64 * 1024)]
+    pub max_json_bytes: u64,
+
+    /// Decode workers for the embedded engine (each holds one whisper state).
+    #[arg(long, env = "VOXPOLL_DECODE_WORKERS", default_value_t = default_workers())]
+    pub decode_workers: usize,
+
+    /// CPU threads per decode.
+    #[arg(long, env = "VOXPOLL_DECODE_THREADS", default_value_t = 1)]
+    pub decode_threads: usize,
+
+    /// Audio between two partial re-decodes of the current utterance, in ms.
+    #[arg(long, env = "VOXPOLL_PARTIAL_INTERVAL_MS", default_value_t = 1000)]
+    pub partial_interval_ms: u64,
+
+    /// Non-speech that ends an utterance, in ms (a session's `vad_silence_ms` overrides it).
+    #[arg(long, env = "VOXPOLL_VAD_SILENCE_MS", default_value_t = 600)]
+    pub vad_silence_ms: u64,
+
+    /// Time to let sessions finish on shutdown before they are recorded as failed, in ms.
+    #[arg(long, env = "VOXPOLL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `$XDG_CACHE_HOME/voxpoll/ggml-base.bin`, else `~/.cache/voxpoll/ggml-base.bin`.
+pub fn default_model_path() -> PathBuf {
+    cache_dir().join("ggml-base.bin")
+}
+
+/// voxpoll's cache directory (models live here, outside any checkout).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("voxpoll");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("voxpoll")
+}
+
+impl Config {
+    /// Defaults for tests: a given database file, port 0 on loopback, no environment read.
+    pub fn for_tests(db: PathBuf) -> Self {
+        Self {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: Some(0),
+            db,
+            model: default_model_path(),
+            poll_hold_ms: 25_000,
+            poll_max_hold_ms: 50_000,
+            max_chunk_bytes: 96 * 1024,
+            max_inflight: 2,
+            reorder_window: 16,
+            max_buffered_bytes: 2 * 1024 * 1024,
+            max_sessions: 64,
+            session_idle_ms: 60_000,
+            session_max_audio_ms: 600_000,
+            session_linger_ms: 120_000,
+            max_log_events: 1024,
+            max_json_bytes: 64 * 1024,
+            decode_workers: default_workers(),
+            decode_threads: 1,
+            partial_interval_ms: 1000,
+            vad_silence_ms: 600,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+
+    /// The address to bind: `--port`/`VOXPOLL_PORT`, else `port_env` (the host's `PORT`), else 8080.
+    pub fn listen_addr(&self, port_env: Option<&str>) -> anyhow::Result<SocketAddr> {
+        let port = match (self.port, port_env) {
+            (Some(p), _) => p,
+            (None, Some(p)) => p
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("PORT={p:?} is not a TCP port number"))?,
+            (None, None) => 8080,
+        };
+        Ok(SocketAddr::new(self.host, port))
+    }
+
+    /// Rejects settings that contradict each other, naming the option to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.poll_hold_ms > 0, "--poll-hold-ms must be > 0");
+        anyhow::ensure!(
+            self.poll_hold_ms <= self.poll_max_hold_ms,
+            "--poll-hold-ms ({}) must not exceed --poll-max-hold-ms ({})",
+            self.poll_hold_ms,
+            self.poll_max_hold_ms
+        );
+        anyhow::ensure!(self.max_chunk_bytes > 0, "--max-chunk-bytes must be > 0");
+        anyhow::ensure!(
+            self.max_buffered_bytes >= self.max_chunk_bytes,
+            "--max-buffered-bytes must be at least --max-chunk-bytes"
+        );
+        anyhow::ensure!(self.decode_workers > 0, "--decode-workers must be > 0");
+        anyhow::ensure!(self.decode_threads > 0, "--decode-threads must be > 0");
+        anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
+        anyhow::ensure!(self.max_log_events >= 16, "--max-log-events must be >= 16");
+        Ok(())
+    }
+
+    /// [`Config::poll_hold_ms`] as a duration.
+    pub fn poll_hold(&self) -> Duration {
+        Duration::from_millis(self.poll_hold_ms)
+    }
+
+    /// [`Config::poll_max_hold_ms`] as a duration.
+    pub fn poll_max_hold(&self) -> Duration {
+        Duration::from_millis(self.poll_max_hold_ms)
+    }
+}

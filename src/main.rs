@@ -1,0 +1,78 @@
+//! The `voxpoll` binary: `serve` and `transcribe`.
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "voxpoll",
+    version,
+    about = "Realtime speech recognition over HTTP long-polling"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server.
+    Serve(voxpoll::config::Config),
+    /// Stream an audio file through a server the way a mini-program does and print the transcript.
+    Transcribe(voxpoll::client::TranscribeArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(config) => {
+            init_tracing("voxpoll=info,warp=warn");
+            let addr = config.listen_addr(std::env::var("PORT").ok().as_deref())?;
+            let listener = voxpoll::app::bind(addr)?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            let state = voxpoll::app::build(config, None, shutdown.clone()).await?;
+            voxpoll::app::run(listener, state, shutdown).await
+        }
+        Command::Transcribe(args) => {
+            init_tracing("voxpoll=warn,warp=warn");
+            voxpoll::client::transcribe(args).await
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot install SIGTERM handler");
+                        let _ = ctrl_c.await;
+                        shutdown.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        shutdown.cancel();
+    });
+}

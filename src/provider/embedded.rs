@@ -1,0 +1,373 @@
+//! The default provider: offline recognition with the embedded whisper.cpp engine.
+//!
+//! Whisper is not a streaming model, so each stream is pseudo-streamed (shared/embedded-asr.md,
+//! "Streaming behaviour"): a VAD cuts utterances; every `partial_interval_ms` of audio the open
+//! utterance is re-decoded (greedy) for a partial; at its end it is decoded once more for the
+//! final. Each stream runs its segmenter on its own thread (webrtc-vad is not `Send`); decodes
+//! go to the engine's shared pool.
+
+use super::whisper::{DecodeJob, DecodeKind, WhisperEngine};
+use super::{
+    Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
+    StreamOptions,
+};
+use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Maps an engine model type to a Whisper language code (`16k_zh` → `zh`, `16k_en` → `en`).
+///
+/// # Errors
+/// Engine types Whisper-base cannot serve.
+pub fn language_for_engine(engine: &str) -> Result<&'static str, String> {
+    let lang = engine.split_once('_').map_or("", |(_, l)| l);
+    let rate_ok = engine.starts_with("16k_") || engine.starts_with("8k_");
+    match (rate_ok, lang) {
+        (true, "zh" | "zh_en" | "zh-PY" | "zh_medical" | "zh_dialect") => Ok("zh"),
+        (true, "en") => Ok("en"),
+        (true, "ja") => Ok("ja"),
+        (true, "ko") => Ok("ko"),
+        (true, "yue") => Ok("zh"),
+        _ => Err(format!(
+            "engine {engine:?} is not served by the embedded provider; use 16k_zh, 16k_en, 16k_zh_en, 16k_ja, 16k_ko or an 8k_ variant"
+        )),
+    }
+}
+
+/// Settings of the embedded provider.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedSettings {
+    /// Audio between partial re-decodes, ms.
+    pub partial_interval_ms: u64,
+    /// Default non-speech that ends an utterance, ms.
+    pub vad_silence_ms: u64,
+}
+
+/// The embedded provider: the engine plus its settings.
+pub struct EmbeddedProvider {
+    engine: Option<Arc<WhisperEngine>>,
+    load_error: Option<String>,
+    settings: EmbeddedSettings,
+}
+
+impl EmbeddedProvider {
+    /// Wraps a loaded engine, or records why it could not be loaded (then `/ready` says so and
+    /// sessions get 503).
+    pub fn new(engine: Result<Arc<WhisperEngine>, String>, settings: EmbeddedSettings) -> Self {
+        match engine {
+            Ok(e) => Self {
+                engine: Some(e),
+                load_error: None,
+                settings,
+            },
+            Err(e) => Self {
+                engine: None,
+                load_error: Some(e),
+                settings,
+            },
+        }
+    }
+
+    /// The engine, when loaded.
+    pub fn engine(&self) -> Option<&Arc<WhisperEngine>> {
+        self.engine.as_ref()
+    }
+}
+
+impl Provider for EmbeddedProvider {
+    fn name(&self) -> &str {
+        "embedded"
+    }
+
+    fn readiness(&self) -> Readiness {
+        match (&self.engine, &self.load_error) {
+            (Some(e), _) => Readiness {
+                ready: true,
+                detail: format!("whisper model {}", e.model_path()),
+            },
+            (None, err) => Readiness {
+                ready: false,
+                detail: err.clone().unwrap_or_default(),
+            },
+        }
+    }
+
+    fn open(
+        &self,
+        opts: &StreamOptions,
+        cancel: CancellationToken,
+    ) -> Result<ProviderStream, ProviderError> {
+        let engine = self.engine.clone().ok_or_else(|| {
+            ProviderError::Unavailable(self.load_error.clone().unwrap_or_default())
+        })?;
+        let lang = language_for_engine(&opts.engine).map_err(ProviderError::Unsupported)?;
+        let cfg = SegmenterConfig {
+            silence_ms: opts
+                .vad_silence_ms
+                .unwrap_or(self.settings.vad_silence_ms)
+                .clamp(200, 5000),
+            min_voiced_ms: 300,
+            partial_interval_ms: if opts.partials {
+                self.settings.partial_interval_ms
+            } else {
+                0
+            },
+        };
+        let (input_tx, mut input_rx) = mpsc::channel::<ProviderInput>(64);
+        let (events_tx, events_rx) = mpsc::channel::<ProviderEvent>(256);
+        let (msg_tx, msg_rx) = std_mpsc::channel::<Msg>();
+        let alive = Arc::new(AtomicBool::new(true));
+
+        // Forward the async input channel (bounded: backpressure to the session) to the thread.
+        let fwd_tx = msg_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    m = input_rx.recv() => match m {
+                        Some(m) => if fwd_tx.send(Msg::Input(m)).is_err() { return },
+                        None => break,
+                    },
+                }
+            }
+            let _ = fwd_tx.send(Msg::Cancel);
+        });
+
+        let stream = StreamThread {
+            engine,
+            lang,
+            cfg,
+            events: events_tx,
+            self_tx: msg_tx,
+            alive,
+            pending_finals: BTreeMap::new(),
+            partial_in_flight: false,
+            partial_stale: Arc::new(AtomicBool::new(false)),
+            open_utterance: 0,
+            finishing: false,
+        };
+        std::thread::Builder::new()
+            .name("asr-stream".into())
+            .spawn(move || stream.run(msg_rx))
+            .map_err(|e| ProviderError::Unavailable(format!("cannot start stream thread: {e}")))?;
+        Ok(ProviderStream {
+            input: input_tx,
+            events: events_rx,
+        })
+    }
+}
+
+enum Msg {
+    Input(ProviderInput),
+    Decoded {
+        utterance: u32,
+        kind: DecodeKind,
+        start_ms: u64,
+        end_ms: u64,
+        result: Result<String, String>,
+    },
+    Cancel,
+}
+
+/// One stream's segmenter and result ordering; runs on its own thread.
+struct StreamThread {
+    engine: Arc<WhisperEngine>,
+    lang: &'static str,
+    cfg: SegmenterConfig,
+    events: mpsc::Sender<ProviderEvent>,
+    self_tx: std_mpsc::Sender<Msg>,
+    alive: Arc<AtomicBool>,
+    /// Finals submitted and not yet emitted, by utterance; `Some` once decoded. Emitted in order.
+    pending_finals: BTreeMap<u32, Option<Recognition>>,
+    partial_in_flight: bool,
+    /// Marks the in-flight partial stale when its utterance ends.
+    partial_stale: Arc<AtomicBool>,
+    /// Index of the utterance currently open (or next to open).
+    open_utterance: u32,
+    finishing: bool,
+}
+
+impl StreamThread {
+    fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
+        // Created here, never moved: webrtc-vad's state is not Send.
+        let mut seg = Segmenter::new(self.cfg);
+        while let Ok(msg) = rx.recv() {
+            let keep_going = match msg {
+                Msg::Input(ProviderInput::Audio(pcm)) => {
+                    let segs = seg.push(&pcm);
+                    self.handle(segs)
+                }
+                Msg::Input(ProviderInput::Finish) => {
+                    let segs = seg.finish();
+                    self.finishing = true;
+                    self.handle(segs) && self.maybe_done()
+                }
+                Msg::Decoded {
+                    utterance,
+                    kind,
+                    start_ms,
+                    end_ms,
+                    result,
+                } => {
+                    self.on_decoded(utterance, kind, start_ms, end_ms, result) && self.maybe_done()
+                }
+                Msg::Cancel => false,
+            };
+            if !keep_going {
+                break;
+            }
+        }
+        self.alive.store(false, Ordering::Release);
+    }
+
+    fn emit(&self, ev: ProviderEvent) -> bool {
+        self.events.blocking_send(ev).is_ok()
+    }
+
+    fn handle(&mut self, segs: Vec<Segment>) -> bool {
+        for s in segs {
+            match s {
+                Segment::Partial {
+                    utterance,
+                    pcm,
+                    start_ms,
+                    end_ms,
+                } => {
+                    self.open_utterance = utterance;
+                    if !self.partial_in_flight {
+                        self.partial_in_flight = true;
+                        self.submit(utterance, DecodeKind::Partial, pcm, start_ms, end_ms);
+                    }
+                }
+                Segment::Final {
+                    utterance,
+                    pcm,
+                    start_ms,
+                    end_ms,
+                } => {
+                    self.partial_stale.store(true, Ordering::Release);
+                    self.partial_stale = Arc::new(AtomicBool::new(false));
+                    self.open_utterance = utterance + 1;
+                    self.pending_finals.insert(utterance, None);
+                    self.submit(utterance, DecodeKind::Final, pcm, start_ms, end_ms);
+                }
+            }
+        }
+        true
+    }
+
+    fn submit(&self, utterance: u32, kind: DecodeKind, pcm: Vec<i16>, start_ms: u64, end_ms: u64) {
+        let tx = self.self_tx.clone();
+        self.engine.submit(DecodeJob {
+            pcm: pcm.iter().map(|&s| f32::from(s) / 32768.0).collect(),
+            lang: self.lang,
+            kind,
+            alive: Arc::clone(&self.alive),
+            stale: (kind == DecodeKind::Partial).then(|| Arc::clone(&self.partial_stale)),
+            reply: Box::new(move |result| {
+                let _ = tx.send(Msg::Decoded {
+                    utterance,
+                    kind,
+                    start_ms,
+                    end_ms,
+                    result,
+                });
+            }),
+        });
+    }
+
+    fn on_decoded(
+        &mut self,
+        utterance: u32,
+        kind: DecodeKind,
+        start_ms: u64,
+        end_ms: u64,
+        result: Result<String, String>,
+    ) -> bool {
+        match kind {
+            DecodeKind::Partial => {
+                self.partial_in_flight = false;
+                let current = utterance == self.open_utterance
+                    && !self.pending_finals.contains_key(&utterance);
+                match result {
+                    Ok(text) if current && !text.is_empty() => {
+                        self.emit(ProviderEvent::Partial(Recognition {
+                            sentence: utterance,
+                            text,
+                            start_ms,
+                            end_ms,
+                            words: None,
+                        }))
+                    }
+                    _ => true,
+                }
+            }
+            DecodeKind::Final => {
+                let rec = match result {
+                    Ok(text) => Recognition {
+                        sentence: utterance,
+                        text,
+                        start_ms,
+                        end_ms,
+                        words: None,
+                    },
+                    Err(e) => {
+                        if !self.emit(ProviderEvent::Warning {
+                            code: "decode_failed".into(),
+                            message: e,
+                        }) {
+                            return false;
+                        }
+                        Recognition {
+                            sentence: utterance,
+                            text: String::new(),
+                            start_ms,
+                            end_ms,
+                            words: None,
+                        }
+                    }
+                };
+                self.pending_finals.insert(utterance, Some(rec));
+                // Emit decoded finals in utterance order.
+                while let Some(entry) = self.pending_finals.first_entry() {
+                    if entry.get().is_none() {
+                        break;
+                    }
+                    let Some(rec) = entry.remove() else { break };
+                    if !self.emit(ProviderEvent::Final(rec)) {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// After Finish, once every final is out: Done, and the thread ends.
+    fn maybe_done(&mut self) -> bool {
+        if self.finishing && self.pending_finals.is_empty() {
+            let _ = self.emit(ProviderEvent::Done);
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_types_map_to_languages() {
+        assert_eq!(language_for_engine("16k_zh"), Ok("zh"));
+        assert_eq!(language_for_engine("16k_en"), Ok("en"));
+        assert_eq!(language_for_engine("8k_zh"), Ok("zh"));
+        assert_eq!(language_for_engine("16k_zh_en"), Ok("zh"));
+        assert!(language_for_engine("16k_xx").is_err());
+        assert!(language_for_engine("zh").is_err());
+    }
+}

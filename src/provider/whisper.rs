@@ -1,0 +1,300 @@
+//! The embedded whisper.cpp engine (crate `whisper-rs`): one loaded model shared by every
+//! session, and a bounded pool of decode workers so sessions queue instead of oversubscribing
+//! the CPU. Finals are always served before partials; a partial whose utterance has ended
+//! (or whose stream is gone) is skipped. Decode settings follow shared/embedded-asr.md
+//! ("Decoding settings that worked").
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+use whisper_rs::{
+    FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
+};
+
+/// Initial prompt for Mandarin: steers Whisper towards Simplified script and punctuation.
+const ZH_PROMPT: &str = "以下是普通话的句子。";
+
+/// Kind of decode; finals have priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKind {
+    /// A snapshot of an open utterance: may be skipped under load.
+    Partial,
+    /// A finished utterance: never skipped while its stream lives.
+    Final,
+}
+
+/// The callback a decode job answers through: `Ok(text)`, or `Err(reason)` if skipped or failed.
+pub type DecodeReply = Box<dyn FnOnce(Result<String, String>) + Send>;
+
+/// One decode request.
+pub struct DecodeJob {
+    /// 16 kHz mono samples in [-1, 1].
+    pub pcm: Vec<f32>,
+    /// Whisper language code (`zh`, `en`, ...).
+    pub lang: &'static str,
+    /// Priority class.
+    pub kind: DecodeKind,
+    /// Cleared when the stream ends or is cancelled: the job is then skipped.
+    pub alive: Arc<AtomicBool>,
+    /// Set when a newer result supersedes this one (partials only): the job is then skipped.
+    pub stale: Option<Arc<AtomicBool>>,
+    /// Called exactly once.
+    pub reply: DecodeReply,
+}
+
+#[derive(Default)]
+struct Queues {
+    finals: VecDeque<DecodeJob>,
+    partials: VecDeque<DecodeJob>,
+}
+
+/// Decode statistics since start, for `/metrics` and `scripts/bench`.
+#[derive(Debug, Default)]
+pub struct DecodeStats {
+    /// Decodes run, by kind.
+    pub partials: AtomicU64,
+    /// Final decodes run.
+    pub finals: AtomicU64,
+    /// Partial jobs skipped because they were stale or their stream was gone.
+    pub partials_skipped: AtomicU64,
+    /// Audio decoded, ms (sum over decodes).
+    pub audio_ms: AtomicU64,
+    /// Wall time spent decoding, ms (sum over workers).
+    pub busy_ms: AtomicU64,
+}
+
+/// The loaded model plus its decode workers.
+pub struct WhisperEngine {
+    shared: Arc<(Mutex<Queues>, Condvar)>,
+    /// Counters for metrics and the benchmark.
+    pub stats: Arc<DecodeStats>,
+    model_path: String,
+}
+
+impl WhisperEngine {
+    /// Loads the ggml model at `path` and starts `workers` decode threads, each decoding with
+    /// `threads` CPU threads and holding its own whisper state.
+    ///
+    /// # Errors
+    /// Missing or unreadable model, or a state that cannot be allocated.
+    pub fn load(path: &Path, workers: usize, threads: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            path.is_file(),
+            "model file {} not found: run scripts/setup (or set VOXPOLL_MODEL)",
+            path.display()
+        );
+        whisper_rs::install_logging_hooks();
+        let started = Instant::now();
+        let ctx = WhisperContext::new_with_params(path, WhisperContextParameters::default())
+            .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
+        let ctx = Arc::new(ctx);
+        let shared = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
+        let stats = Arc::new(DecodeStats::default());
+        for i in 0..workers {
+            let state = ctx
+                .create_state()
+                .map_err(|e| anyhow::anyhow!("whisper state: {e}"))?;
+            let shared = Arc::clone(&shared);
+            let stats = Arc::clone(&stats);
+            let ctx = Arc::clone(&ctx);
+            std::thread::Builder::new()
+                .name(format!("decode-{i}"))
+                .spawn(move || {
+                    let _model = ctx; // the context must outlive its states
+                    worker_loop(state, &shared, &stats, threads);
+                })?;
+        }
+        tracing::info!(model = %path.display(), workers, threads, load_ms = started.elapsed().as_millis() as u64, "whisper model loaded");
+        Ok(Self {
+            shared,
+            stats,
+            model_path: path.display().to_string(),
+        })
+    }
+
+    /// Path of the loaded model.
+    pub fn model_path(&self) -> &str {
+        &self.model_path
+    }
+
+    /// Queues a job. Finals go before every queued partial.
+    pub fn submit(&self, job: DecodeJob) {
+        let (lock, cv) = &*self.shared;
+        let mut q = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match job.kind {
+            DecodeKind::Final => q.finals.push_back(job),
+            DecodeKind::Partial => q.partials.push_back(job),
+        }
+        cv.notify_one();
+    }
+
+    /// Jobs waiting for a worker: (finals, partials).
+    pub fn queued(&self) -> (usize, usize) {
+        let q = self
+            .shared
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (q.finals.len(), q.partials.len())
+    }
+}
+
+fn worker_loop(
+    mut state: WhisperState,
+    shared: &(Mutex<Queues>, Condvar),
+    stats: &DecodeStats,
+    threads: usize,
+) {
+    let (lock, cv) = shared;
+    loop {
+        let job = {
+            let mut q = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            loop {
+                if let Some(j) = q.finals.pop_front() {
+                    break j;
+                }
+                if let Some(j) = q.partials.pop_front() {
+                    break j;
+                }
+                q = cv
+                    .wait(q)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        };
+        let skip = !job.alive.load(Ordering::Acquire)
+            || job
+                .stale
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Acquire));
+        if skip {
+            if job.kind == DecodeKind::Partial {
+                stats.partials_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            (job.reply)(Err("skipped".into()));
+            continue;
+        }
+        let started = Instant::now();
+        let result = decode(&mut state, &job.pcm, job.lang, job.kind, threads);
+        stats
+            .busy_ms
+            .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        stats
+            .audio_ms
+            .fetch_add(job.pcm.len() as u64 / 16, Ordering::Relaxed);
+        match job.kind {
+            DecodeKind::Partial => stats.partials.fetch_add(1, Ordering::Relaxed),
+            DecodeKind::Final => stats.finals.fetch_add(1, Ordering::Relaxed),
+        };
+        (job.reply)(result);
+    }
+}
+
+/// `audio_ctx` for `secs` of audio: (secs + 1, at least 10) × 50 frames, rounded up to 64,
+/// at most 1500 (shared/embedded-asr.md: cheaper encoder, no loops with the 10 s floor).
+pub fn audio_ctx_for(secs: f32) -> i32 {
+    let frames = ((secs + 1.0).max(10.0) * 50.0).ceil() as i32;
+    ((frames + 63) / 64 * 64).min(1500)
+}
+
+fn decode(
+    state: &mut WhisperState,
+    pcm: &[f32],
+    lang: &'static str,
+    kind: DecodeKind,
+    threads: usize,
+) -> Result<String, String> {
+    // whisper.cpp ignores input shorter than 1 s; pad with silence.
+    let mut padded;
+    let pcm = if pcm.len() < 17_000 {
+        padded = pcm.to_vec();
+        padded.resize(17_000, 0.0);
+        &padded[..]
+    } else {
+        pcm
+    };
+    let secs = pcm.len() as f32 / 16_000.0;
+    let mut p = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
+    p.set_n_threads(threads as i32);
+    p.set_language(Some(lang));
+    p.set_no_context(true);
+    p.set_single_segment(true);
+    p.set_no_timestamps(true);
+    p.set_print_special(false);
+    p.set_print_progress(false);
+    p.set_print_realtime(false);
+    p.set_print_timestamps(false);
+    p.set_max_tokens((8.0 * secs) as i32 + 8);
+    p.set_audio_ctx(audio_ctx_for(secs));
+    if kind == DecodeKind::Partial {
+        p.set_temperature_inc(0.0);
+    }
+    if lang == "zh" {
+        p.set_initial_prompt(ZH_PROMPT);
+    }
+    state
+        .full(p, pcm)
+        .map_err(|e| format!("whisper decode failed: {e}"))?;
+    let mut text = String::new();
+    for seg in state.as_iter() {
+        text.push_str(&seg.to_str_lossy().map_err(|e| e.to_string())?);
+    }
+    Ok(clean_text(&text, lang))
+}
+
+/// Post-processing of Whisper's text: trims, drops bracketed non-speech tags ("[Music]",
+/// "(音乐)") and a leaked prompt, and converts Traditional to Simplified for Chinese.
+pub fn clean_text(raw: &str, lang: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut depth = 0usize;
+    for ch in raw.chars() {
+        match ch {
+            '[' | '(' | '（' | '【' => depth += 1,
+            ']' | ')' | '）' | '】' if depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(ch),
+            _ => {}
+        }
+    }
+    let mut text = out.trim().to_string();
+    if lang == "zh" {
+        text = fast2s::convert(&text);
+        if text == ZH_PROMPT || text.trim_end_matches('。') == ZH_PROMPT.trim_end_matches('。') {
+            text.clear();
+        }
+    } else {
+        text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    }
+    if text.chars().all(|c| !c.is_alphanumeric()) {
+        text.clear();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audio_ctx_has_a_ten_second_floor_and_a_cap() {
+        assert_eq!(audio_ctx_for(1.0), 512); // 550 → 576? no: (10 s floor) 500 → 512
+        assert_eq!(audio_ctx_for(12.0), 704); // 13 × 50 = 650 → 704
+        assert_eq!(audio_ctx_for(40.0), 1500);
+    }
+
+    #[test]
+    fn clean_text_drops_tags_and_converts_script() {
+        assert_eq!(clean_text(" [Music] ", "en"), "");
+        assert_eq!(clean_text("(音樂)", "zh"), "");
+        assert_eq!(clean_text("這是一個測試", "zh"), "这是一个测试");
+        assert_eq!(clean_text("以下是普通话的句子。", "zh"), "");
+        assert_eq!(
+            clean_text("  go   forward ten meters ", "en"),
+            "go forward ten meters"
+        );
+    }
+}

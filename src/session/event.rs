@@ -1,0 +1,206 @@
+//! Session events (shared/api.md, "Event") and the per-session ordered event log read by cursor.
+
+use crate::provider::Word;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Event type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// Current guess for a sentence.
+    Partial,
+    /// Stable text of a sentence.
+    Final,
+    /// Degraded but continuing.
+    Warning,
+    /// A failure (provider, audio).
+    Error,
+    /// Terminal: the stream is closed.
+    End,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndReason {
+    /// All audio recognised after finish / `last=1`.
+    Finished,
+    /// `DELETE` by the client.
+    Cancelled,
+    /// Idle timeout or maximum duration.
+    Expired,
+    /// Provider or audio failure, or server shutdown.
+    Failed,
+}
+
+impl EndReason {
+    /// The session status this reason leaves.
+    pub fn status(self) -> &'static str {
+        match self {
+            Self::Finished => "finished",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One event in a session's log. `seq` starts at 1 and increases by one per appended event;
+/// a poll with `after=K` returns events with `seq > K`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log.
+    pub seq: u64,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// Sentence index (0 for events not about a sentence).
+    pub sentence: u32,
+    /// Sentence text; for `error`/`warning` the message; for `end` empty.
+    pub text: String,
+    /// Stream time, ms.
+    pub start_ms: u64,
+    /// Stream time, ms.
+    pub end_ms: u64,
+    /// Word timings where the provider gives them.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub words: Option<Vec<Word>>,
+    /// `error`/`warning` machine code.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub code: Option<String>,
+    /// `error`/`warning` human text.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+    /// `end` only.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<EndReason>,
+    /// `end` only: the full transcript.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub transcript: Option<String>,
+}
+
+impl Event {
+    /// An event of `kind` with empty fields; `seq` is assigned by [`EventLog::append`].
+    pub fn new(kind: EventKind) -> Self {
+        Self {
+            seq: 0,
+            kind,
+            sentence: 0,
+            text: String::new(),
+            start_ms: 0,
+            end_ms: 0,
+            words: None,
+            code: None,
+            message: None,
+            reason: None,
+            transcript: None,
+        }
+    }
+}
+
+/// The ordered log of one session. Superseded partials are coalesced: when a partial or final
+/// for sentence S is appended, the earlier partial of S still in the log is dropped, so a
+/// backlog never carries more than one partial per sentence. Finals, warnings, errors and the
+/// end event are never dropped.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    events: VecDeque<Event>,
+    last_seq: u64,
+}
+
+impl EventLog {
+    /// Seq of the newest event (0 when empty).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Appends `ev`, assigning its seq; returns that seq.
+    pub fn append(&mut self, mut ev: Event) -> u64 {
+        if matches!(ev.kind, EventKind::Partial | EventKind::Final) {
+            let sentence = ev.sentence;
+            self.events
+                .retain(|e| !(e.kind == EventKind::Partial && e.sentence == sentence));
+        }
+        self.last_seq += 1;
+        ev.seq = self.last_seq;
+        self.events.push_back(ev);
+        self.last_seq
+    }
+
+    /// Events with seq > `after`, ascending, at most `limit`.
+    pub fn after(&self, after: u64, limit: usize) -> Vec<Event> {
+        let start = self.events.partition_point(|e| e.seq <= after);
+        self.events
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the terminal `end` event is in the log.
+    pub fn ended(&self) -> bool {
+        self.events.back().is_some_and(|e| e.kind == EventKind::End)
+    }
+
+    /// Events held in memory.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether the log holds no events.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: EventKind, sentence: u32, text: &str) -> Event {
+        Event {
+            sentence,
+            text: text.into(),
+            ..Event::new(kind)
+        }
+    }
+
+    #[test]
+    fn superseded_partials_are_coalesced_and_finals_kept() {
+        let mut log = EventLog::default();
+        log.append(ev(EventKind::Partial, 0, "he"));
+        log.append(ev(EventKind::Partial, 0, "hello"));
+        log.append(ev(EventKind::Final, 0, "hello world"));
+        log.append(ev(EventKind::Partial, 1, "ag"));
+        let all = log.after(0, 100);
+        let kinds: Vec<_> = all
+            .iter()
+            .map(|e| (e.seq, e.kind, e.text.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (3, EventKind::Final, "hello world"),
+                (4, EventKind::Partial, "ag")
+            ]
+        );
+        assert_eq!(log.after(3, 100).len(), 1);
+        assert_eq!(log.after(4, 100).len(), 0);
+        assert_eq!(log.last_seq(), 4);
+    }
+
+    #[test]
+    fn same_cursor_gives_same_events() {
+        let mut log = EventLog::default();
+        for i in 0..5 {
+            log.append(ev(EventKind::Final, i, "x"));
+        }
+        assert_eq!(log.after(2, 100), log.after(2, 100));
+        assert_eq!(
+            log.after(2, 2).iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! The per-session task: takes contiguous chunks from the session's ingest buffer, decodes them
+//! to 16 kHz PCM, feeds the provider in order, and appends the provider's results to the log.
+//! It alone records how the session ended (store row + `end` event), then lingers so late polls
+//! are answered from memory, and removes the session from the registry.
+
+use super::event::{EndReason, Event, EventKind};
+use super::{stored, Session, SessionManager};
+use crate::audio::Decoder;
+use crate::provider::{ProviderEvent, ProviderInput, ProviderStream, Recognition};
+use crate::store::SessionProgress;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for the provider's last results after the audio ended.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(super) struct Worker {
+    mgr: SessionManager,
+    s: Arc<Session>,
+    stream: ProviderStream,
+    provider_cancel: CancellationToken,
+    decoder: Decoder,
+    /// `Finish` has been sent to the provider.
+    input_done: bool,
+    /// Set when the worker decided to end early (idle, max duration, shutdown, bad audio):
+    /// the reason to record and the deadline for the provider's last results.
+    wind_down: Option<(EndReason, Instant)>,
+    /// Deadline for the provider's `Done` after a normal finish.
+    finish_deadline: Option<Instant>,
+    shutdown_seen: bool,
+    provider_failed: bool,
+    outcome: Option<EndReason>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        mgr: SessionManager,
+        s: Arc<Session>,
+        stream: ProviderStream,
+        provider_cancel: CancellationToken,
+        decoder: Decoder,
+    ) -> Self {
+        Self {
+            mgr,
+            s,
+            stream,
+            provider_cancel,
+            decoder,
+            input_done: false,
+            wind_down: None,
+            finish_deadline: None,
+            shutdown_seen: false,
+            provider_failed: false,
+            outcome: None,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let reason = self.main_loop().await;
+        self.provider_cancel.cancel();
+        self.record_end(reason).await;
+        let linger = Duration::from_millis(self.mgr.config().session_linger_ms);
+        let shutdown = self.mgr.shutdown_token().clone();
+        let _ = shutdown
+            .run_until_cancelled(tokio::time::sleep(linger))
+            .await;
+        self.mgr.remove(&self.s.id);
+    }
+
+    async fn main_loop(&mut self) -> EndReason {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let shutdown = self.mgr.shutdown_token().clone();
+        let cancel = self.s.cancel.clone();
+        loop {
+            if let Some(r) = self.outcome {
+                return r;
+            }
+            let now = Instant::now();
+            if let Some((reason, deadline)) = self.wind_down {
+                if now >= deadline {
+                    return reason;
+                }
+            }
+            if self.finish_deadline.is_some_and(|d| now >= d) {
+                self.push(error_event(
+                    "provider_timeout",
+                    "the provider did not deliver its last results in time",
+                ));
+                return EndReason::Failed;
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return EndReason::Cancelled,
+                () = shutdown.cancelled(), if !self.shutdown_seen => {
+                    self.shutdown_seen = true;
+                    let grace = Duration::from_millis(self.mgr.config().shutdown_grace_ms);
+                    let reason = if self.s.lock().ingest.finish_requested() { EndReason::Finished } else { EndReason::Failed };
+                    let note = (reason == EndReason::Failed)
+                        .then(|| error_event("server_shutdown", "the server is shutting down; results so far are kept"));
+                    self.wind_down(reason, note, grace).await;
+                }
+                ev = self.stream.events.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => {
+                        self.push(error_event("provider_closed", "the provider stream closed unexpectedly"));
+                        return EndReason::Failed;
+                    }
+                },
+                () = self.s.wake.notified(), if !self.input_done && self.wind_down.is_none() => self.feed(false).await,
+                _ = tick.tick() => self.check_limits().await,
+            }
+        }
+    }
+
+    /// Decodes and forwards every ready chunk; sends `Finish` once the audio is complete (or
+    /// at once when `force` is set, as when winding down).
+    async fn feed(&mut self, force: bool) {
+        let (chunks, complete) = {
+            let mut st = self.s.lock();
+            let chunks = st.ingest.take_ready();
+            (chunks, force || st.ingest.input_complete())
+        };
+        for chunk in chunks {
+            match self.decoder.push(&chunk) {
+                Ok(pcm) if pcm.is_empty() => {}
+                Ok(pcm) => {
+                    if !self.send(ProviderInput::Audio(pcm)).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.push(error_event("unsupported_audio", &e.0));
+                    self.outcome = Some(EndReason::Failed);
+                    return;
+                }
+            }
+        }
+        let audio_ms = self.decoder.audio_ms();
+        self.s.lock().audio_ms = audio_ms;
+        let max = self.mgr.config().session_max_audio_ms;
+        if audio_ms > max && self.wind_down.is_none() {
+            let note = warning_event(
+                "max_duration",
+                &format!("the session reached its maximum audio duration of {max} ms"),
+            );
+            let grace = Duration::from_millis(self.mgr.config().shutdown_grace_ms);
+            Box::pin(self.wind_down(EndReason::Expired, Some(note), grace)).await;
+            return;
+        }
+        if complete && !self.input_done {
+            let tail = self.decoder.finish();
+            if !tail.is_empty() && !self.send(ProviderInput::Audio(tail)).await {
+                return;
+            }
+            if self.send(ProviderInput::Finish).await {
+                self.input_done = true;
+                self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
+            }
+        }
+    }
+
+    /// Sends to the provider while still draining its results (so neither side can block the
+    /// other). Returns false when the provider is gone or the session was cancelled.
+    async fn send(&mut self, input: ProviderInput) -> bool {
+        let tx = self.stream.input.clone();
+        let cancel = self.s.cancel.clone();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return false,
+                permit = tx.reserve() => {
+                    return match permit {
+                        Ok(p) => { p.send(input); true }
+                        Err(_) => false,
+                    };
+                }
+                ev = self.stream.events.recv() => match ev {
+                    Some(ev) => Box::pin(self.on_event(ev)).await,
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// Stops taking audio, flushes what was accepted, and gives the provider until `grace`
+    /// to deliver its last results; the session then ends with `reason`.
+    async fn wind_down(&mut self, reason: EndReason, note: Option<Event>, grace: Duration) {
+        if self.wind_down.is_some() {
+            return;
+        }
+        self.wind_down = Some((reason, Instant::now() + grace));
+        {
+            let mut st = self.s.lock();
+            st.ingest.request_finish();
+            st.status = "finishing";
+        }
+        if let Some(ev) = note {
+            self.push(ev);
+        }
+        if !self.input_done {
+            self.feed(true).await;
+        }
+    }
+
+    async fn check_limits(&mut self) {
+        if self.wind_down.is_some() || self.input_done {
+            return;
+        }
+        let idle_ms = self.mgr.config().session_idle_ms;
+        let idle = self.s.lock().last_activity.elapsed();
+        if idle > Duration::from_millis(idle_ms) {
+            let note = warning_event(
+                "idle_timeout",
+                &format!("no upload or poll for {idle_ms} ms"),
+            );
+            self.wind_down(EndReason::Expired, Some(note), Duration::from_secs(10))
+                .await;
+        }
+    }
+
+    async fn on_event(&mut self, ev: ProviderEvent) {
+        match ev {
+            ProviderEvent::Partial(r) => {
+                self.push(recognition_event(EventKind::Partial, r));
+            }
+            ProviderEvent::Final(r) => {
+                if let Some(stored_ev) = self.push(recognition_event(EventKind::Final, r)) {
+                    let id = self.s.id.to_string();
+                    let store = Arc::clone(self.mgr.store());
+                    if let Err(e) = store.append_event(&id, &stored(&stored_ev)).await {
+                        tracing::error!(error = %e, cause = ?e, "persisting a final failed");
+                    }
+                    let progress = self.progress(None);
+                    if let Err(e) = store.update_progress(&id, &progress).await {
+                        tracing::error!(error = %e, cause = ?e, "persisting progress failed");
+                    }
+                }
+            }
+            ProviderEvent::Warning { code, message } => {
+                self.push(warning_event(&code, &message));
+            }
+            ProviderEvent::Error { code, message } => {
+                self.provider_failed = true;
+                self.push(error_event(&code, &message));
+            }
+            ProviderEvent::Done => {
+                self.outcome = Some(if self.provider_failed {
+                    EndReason::Failed
+                } else if let Some((reason, _)) = self.wind_down {
+                    reason
+                } else {
+                    EndReason::Finished
+                });
+            }
+        }
+    }
+
+    fn push(&self, ev: Event) -> Option<Event> {
+        self.s.push_event(ev)
+    }
+
+    fn progress(&self, end: Option<EndReason>) -> SessionProgress {
+        let st = self.s.lock();
+        SessionProgress {
+            status: end.map_or(st.status, EndReason::status).to_string(),
+            acked_seq: st.ingest.acked_seq(),
+            audio_ms: st.audio_ms,
+            transcript: self.s.transcript(&st),
+            end_reason: end.map(|r| r.status().to_string()),
+            at_ms: super::now_ms(),
+        }
+    }
+
+    async fn record_end(&mut self, reason: EndReason) {
+        let progress = self.progress(Some(reason));
+        {
+            let mut st = self.s.lock();
+            st.status = reason.status();
+            st.end_reason = Some(reason);
+            st.ended_at_ms = Some(progress.at_ms);
+        }
+        let mut end = Event::new(EventKind::End);
+        end.reason = Some(reason);
+        end.transcript = Some(progress.transcript.clone());
+        end.end_ms = progress.audio_ms;
+        let Some(end) = self.push(end) else { return };
+        if let Err(e) = self
+            .mgr
+            .store()
+            .end_session(&self.s.id.to_string(), &progress, &stored(&end))
+            .await
+        {
+            tracing::error!(error = %e, cause = ?e, "recording the end of a session failed");
+        }
+        tracing::info!(
+            reason = reason.status(),
+            audio_ms = progress.audio_ms,
+            "session ended"
+        );
+    }
+}
+
+fn recognition_event(kind: EventKind, r: Recognition) -> Event {
+    Event {
+        sentence: r.sentence,
+        text: r.text,
+        start_ms: r.start_ms,
+        end_ms: r.end_ms,
+        words: r.words,
+        ..Event::new(kind)
+    }
+}
+
+fn error_event(code: &str, message: &str) -> Event {
+    Event {
+        code: Some(code.into()),
+        message: Some(message.into()),
+        text: message.into(),
+        ..Event::new(EventKind::Error)
+    }
+}
+
+fn warning_event(code: &str, message: &str) -> Event {
+    Event {
+        code: Some(code.into()),
+        message: Some(message.into()),
+        text: message.into(),
+        ..Event::new(EventKind::Warning)
+    }
+}

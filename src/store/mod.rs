@@ -1,0 +1,105 @@
+//! Persistence of sessions and their final results, behind [`SessionStore`] so the SQLite
+//! implementation can later sit beside a Redis one. The store knows nothing of providers or HTTP.
+
+pub mod sqlite;
+
+use serde::Serialize;
+
+/// A session row: what survives a restart.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// UUID v4, hyphenated.
+    pub id: String,
+    /// Owner, when auth is on.
+    pub user_id: Option<String>,
+    /// Hex SHA-256 of the session token.
+    pub token_sha256: String,
+    /// Provider name.
+    pub provider: String,
+    /// Engine model type.
+    pub engine: String,
+    /// Creation options as JSON.
+    pub options_json: String,
+    /// `open` | `finishing` | `finished` | `cancelled` | `expired` | `failed`.
+    pub status: String,
+    /// Changes when in-memory state may have been lost.
+    pub epoch: u64,
+    /// Highest contiguous chunk seq received.
+    pub acked_seq: Option<u64>,
+    /// Audio received, ms.
+    pub audio_ms: u64,
+    /// Finals so far, joined.
+    pub transcript: String,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Unix ms.
+    pub updated_at_ms: u64,
+    /// Unix ms.
+    pub ended_at_ms: Option<u64>,
+}
+
+/// Progress written while a session runs and when it ends.
+#[derive(Debug, Clone)]
+pub struct SessionProgress {
+    /// New status.
+    pub status: String,
+    /// Highest contiguous chunk seq received.
+    pub acked_seq: Option<u64>,
+    /// Audio received, ms.
+    pub audio_ms: u64,
+    /// Finals so far, joined.
+    pub transcript: String,
+    /// Set when the session ends.
+    pub end_reason: Option<String>,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// A stored event: its seq in the session log and its JSON exactly as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Event seq.
+    pub seq: u64,
+    /// Event JSON.
+    pub json: String,
+}
+
+/// Storage errors keep their source.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The pool could not hand out a connection.
+    #[error("database pool error: {0}")]
+    Pool(String),
+}
+
+/// Where sessions live between requests and across restarts.
+#[async_trait::async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Inserts a new session row.
+    async fn insert_session(&self, rec: &SessionRecord) -> Result<(), StoreError>;
+    /// Updates a running session's progress.
+    async fn update_progress(&self, id: &str, p: &SessionProgress) -> Result<(), StoreError>;
+    /// Appends a final (or terminal) event; idempotent on (session, seq).
+    async fn append_event(&self, id: &str, ev: &StoredEvent) -> Result<(), StoreError>;
+    /// Records the end of a session and its `end` event atomically.
+    async fn end_session(
+        &self,
+        id: &str,
+        p: &SessionProgress,
+        end: &StoredEvent,
+    ) -> Result<(), StoreError>;
+    /// Reads a session row.
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
+    /// Stored events with seq > `after`, ascending.
+    async fn events_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Sessions not yet ended (left open by a previous process), each with its highest stored
+    /// event seq (0 when none).
+    async fn unfinished(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError>;
+    /// Checks the database is writable (for `/ready`).
+    async fn check_writable(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,227 @@
+//! [`SessionStore`] on SQLite (rusqlite + deadpool-sqlite). Queries are synchronous functions run
+//! through one async [`Db::call`]; the schema (`schema.sql`) is embedded and applied at open.
+
+use super::{SessionProgress, SessionRecord, SessionStore, StoreError, StoredEvent};
+use deadpool_sqlite::{Config as PoolConfig, Pool, Runtime};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::time::Duration;
+
+/// The embedded schema; `PRAGMA user_version` records that it was applied.
+const SCHEMA: &str = include_str!("../../schema.sql");
+const SCHEMA_VERSION: i64 = 1;
+
+/// A pool of SQLite connections to one database file.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`, sets WAL mode and applies the schema.
+    ///
+    /// # Errors
+    /// The file cannot be opened or migrated.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Pool(format!("creating {}: {e}", dir.display())))?;
+        }
+        let pool = PoolConfig::new(path)
+            .create_pool(Runtime::Tokio1)
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let db = Self { pool };
+        db.call(migrate).await?;
+        Ok(db)
+    }
+
+    /// Runs `f` on a pooled connection on a blocking thread. The only place rusqlite is called.
+    ///
+    /// # Errors
+    /// Pool failures and whatever `f` returns.
+    pub async fn call<F, R>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+        R: Send + 'static,
+    {
+        let conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        conn.interact(move |c| {
+            c.busy_timeout(Duration::from_secs(5))?;
+            c.pragma_update(None, "foreign_keys", true)?;
+            f(c)
+        })
+        .await
+        .map_err(|e| StoreError::Pool(e.to_string()))?
+        .map_err(StoreError::from)
+    }
+}
+
+fn migrate(c: &mut Connection) -> Result<(), rusqlite::Error> {
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < SCHEMA_VERSION {
+        let tx = c.transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> Result<SessionRecord, rusqlite::Error> {
+    Ok(SessionRecord {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        token_sha256: r.get(2)?,
+        provider: r.get(3)?,
+        engine: r.get(4)?,
+        options_json: r.get(5)?,
+        status: r.get(6)?,
+        epoch: r.get::<_, i64>(7)? as u64,
+        acked_seq: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+        audio_ms: r.get::<_, i64>(9)? as u64,
+        transcript: r.get(10)?,
+        end_reason: r.get(11)?,
+        created_at_ms: r.get::<_, i64>(12)? as u64,
+        updated_at_ms: r.get::<_, i64>(13)? as u64,
+        ended_at_ms: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+    })
+}
+
+const SELECT_SESSION: &str =
+    "SELECT id, user_id, token_sha256, provider, engine, options_json, status, epoch, acked_seq, \
+     audio_ms, transcript, end_reason, created_at_ms, updated_at_ms, ended_at_ms FROM sessions";
+
+fn write_progress(c: &Connection, id: &str, p: &SessionProgress) -> Result<(), rusqlite::Error> {
+    c.execute(
+        "UPDATE sessions SET status = ?2, acked_seq = ?3, audio_ms = ?4, transcript = ?5, \
+         end_reason = COALESCE(?6, end_reason), updated_at_ms = ?7, \
+         ended_at_ms = CASE WHEN ?6 IS NULL THEN ended_at_ms ELSE ?7 END WHERE id = ?1",
+        params![
+            id,
+            p.status,
+            p.acked_seq.map(to_i64),
+            to_i64(p.audio_ms),
+            p.transcript,
+            p.end_reason,
+            to_i64(p.at_ms)
+        ],
+    )?;
+    Ok(())
+}
+
+fn insert_event(c: &Connection, id: &str, ev: &StoredEvent) -> Result<(), rusqlite::Error> {
+    c.execute(
+        "INSERT OR IGNORE INTO session_events (session_id, seq, event_json) VALUES (?1, ?2, ?3)",
+        params![id, to_i64(ev.seq), ev.json],
+    )?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl SessionStore for Db {
+    async fn insert_session(&self, rec: &SessionRecord) -> Result<(), StoreError> {
+        let r = rec.clone();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO sessions (id, user_id, token_sha256, provider, engine, options_json, status, epoch, \
+                 acked_seq, audio_ms, transcript, end_reason, created_at_ms, updated_at_ms, ended_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                params![
+                    r.id, r.user_id, r.token_sha256, r.provider, r.engine, r.options_json, r.status, to_i64(r.epoch),
+                    r.acked_seq.map(to_i64), to_i64(r.audio_ms), r.transcript, r.end_reason,
+                    to_i64(r.created_at_ms), to_i64(r.updated_at_ms), r.ended_at_ms.map(to_i64)
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_progress(&self, id: &str, p: &SessionProgress) -> Result<(), StoreError> {
+        let (id, p) = (id.to_string(), p.clone());
+        self.call(move |c| write_progress(c, &id, &p)).await
+    }
+
+    async fn append_event(&self, id: &str, ev: &StoredEvent) -> Result<(), StoreError> {
+        let (id, ev) = (id.to_string(), ev.clone());
+        self.call(move |c| insert_event(c, &id, &ev)).await
+    }
+
+    async fn end_session(
+        &self,
+        id: &str,
+        p: &SessionProgress,
+        end: &StoredEvent,
+    ) -> Result<(), StoreError> {
+        let (id, p, end) = (id.to_string(), p.clone(), end.clone());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            insert_event(&tx, &id, &end)?;
+            write_progress(&tx, &id, &p)?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.query_row(
+                &format!("{SELECT_SESSION} WHERE id = ?1"),
+                params![id],
+                row_to_record,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn events_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT seq, event_json FROM session_events WHERE session_id = ?1 AND seq > ?2 ORDER BY seq",
+            )?;
+            let rows = st.query_map(params![id, to_i64(after)], |r| {
+                Ok(StoredEvent { seq: r.get::<_, i64>(0)? as u64, json: r.get(1)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError> {
+        self.call(|c| {
+            let mut st = c.prepare(&format!(
+                "{SELECT_SESSION} WHERE status IN ('open', 'finishing') ORDER BY created_at_ms"
+            ))?;
+            let recs: Vec<SessionRecord> =
+                st.query_map([], row_to_record)?.collect::<Result<_, _>>()?;
+            let mut out = Vec::with_capacity(recs.len());
+            for r in recs {
+                let max: i64 = c.query_row(
+                    "SELECT COALESCE(MAX(seq), 0) FROM session_events WHERE session_id = ?1",
+                    params![r.id],
+                    |row| row.get(0),
+                )?;
+                out.push((r, max as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.call(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"))
+            .await
+    }
+}
