@@ -38,6 +38,19 @@ pub async fn build(
     engine: Option<Arc<WhisperEngine>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<AppState> {
+    build_with_providers(config, engine, Vec::new(), shutdown).await
+}
+
+/// [`build`] plus extra providers, selectable by name per session (tests plug scripted ones in).
+///
+/// # Errors
+/// The database cannot be opened or migrated.
+pub async fn build_with_providers(
+    config: Config,
+    engine: Option<Arc<WhisperEngine>>,
+    extra: Vec<Arc<dyn Provider>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppState> {
     config.validate()?;
     let config = Arc::new(config);
     let db = Db::open(&config.db)
@@ -64,6 +77,9 @@ pub async fn build(
     ));
     let mut by_name = HashMap::new();
     by_name.insert(embedded.name().to_string(), embedded);
+    for p in extra {
+        by_name.insert(p.name().to_string(), p);
+    }
     let providers = Providers {
         default: "embedded".into(),
         by_name,

@@ -256,6 +256,8 @@ pub struct Session {
     token_sha256: [u8; 32],
     provider: String,
     engine: String,
+    /// Declared audio container (WAV headers are checked on upload).
+    format: AudioFormat,
     /// Separator between finals in the transcript ("" for Chinese, " " otherwise).
     joiner: &'static str,
     created_at_ms: u64,
@@ -566,6 +568,7 @@ impl SessionManager {
             id,
             token_sha256,
             provider: provider_name,
+            format,
             joiner: if engine.contains("zh") || engine.contains("ja") || engine.contains("yue") {
                 ""
             } else {
@@ -639,6 +642,15 @@ impl SessionManager {
             .live(&uuid)
             .ok_or_else(|| SessionError::NotFound(id.to_string()))?;
         s.check_token(token)?;
+        if s.format == AudioFormat::Wav
+            && seq == 0
+            && body.len() >= 12
+            && (&body[0..4] != b"RIFF" || &body[8..12] != b"WAVE")
+        {
+            return Err(SessionError::UnsupportedAudio(
+                "chunk 0 of a \"wav\" session must start with a RIFF/WAVE header".into(),
+            ));
+        }
         let mut st = s.lock();
         st.last_activity = Instant::now();
         let accepted = if st.status == "open" || st.status == "finishing" {
