@@ -236,16 +236,24 @@ fn parse_wav_header(buf: &[u8]) -> Result<Option<(u32, u16, usize)>, AudioError>
             let offset = cursor.position() as usize;
             Ok(Some((spec.sample_rate, spec.channels, offset)))
         }
-        Err(hound::Error::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            if buf.len() > 64 * 1024 {
-                Err(AudioError(
-                    "WAV header larger than 64 KiB without a data chunk".into(),
-                ))
-            } else {
-                Ok(None)
-            }
+        // A header cut by a chunk boundary: hound says EOF or "Failed to read enough bytes".
+        Err(hound::Error::IoError(ref e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            need_more(buf)
+        }
+        Err(hound::Error::IoError(ref e)) if e.to_string().contains("enough bytes") => {
+            need_more(buf)
         }
         Err(e) => Err(AudioError(format!("malformed WAV header: {e}"))),
+    }
+}
+
+fn need_more(buf: &[u8]) -> Result<Option<(u32, u16, usize)>, AudioError> {
+    if buf.len() > 64 * 1024 {
+        Err(AudioError(
+            "WAV header larger than 64 KiB without a data chunk".into(),
+        ))
+    } else {
+        Ok(None)
     }
 }
 

@@ -172,6 +172,11 @@ impl Ingest {
         Ok(Accepted::New)
     }
 
+    /// Whether `seq` was already accepted with exactly these bytes (changes nothing).
+    pub fn is_duplicate(&self, seq: u64, body: &[u8]) -> bool {
+        self.digests.get(&seq).is_some_and(|d| *d == digest(body))
+    }
+
     /// Ends the audio at the highest seq received so far (finish without `last=1`).
     pub fn request_finish(&mut self) {
         if self.finish {

@@ -657,15 +657,13 @@ impl SessionManager {
             st.ingest.offer(seq, body, last)
         } else {
             // Retries of chunks already taken stay safe after the session closed.
-            match st.ingest.offer(seq, body, false) {
-                Ok(Accepted::Duplicate) => Ok(Accepted::Duplicate),
-                _ => {
-                    return Err(SessionError::Closed {
-                        id: id.to_string(),
-                        status: st.status.to_string(),
-                    })
-                }
+            if !st.ingest.is_duplicate(seq, &body) {
+                return Err(SessionError::Closed {
+                    id: id.to_string(),
+                    status: st.status.to_string(),
+                });
             }
+            Ok(Accepted::Duplicate)
         }?;
         if st.ingest.finish_requested() && st.status == "open" {
             st.status = "finishing";

@@ -1,0 +1,339 @@
+//! The one test harness: `spawn_app()` starts the real server on port 0 with a real SQLite file,
+//! sharing one loaded whisper model per test binary, plus a scripted `echo` provider.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use voxpoll::config::Config;
+use voxpoll::provider::whisper::WhisperEngine;
+use voxpoll::provider::{
+    Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
+    StreamOptions,
+};
+
+static ENGINE: OnceLock<Arc<WhisperEngine>> = OnceLock::new();
+
+/// The shared model (loaded once; `scripts/test` fetches it first).
+pub fn engine() -> Arc<WhisperEngine> {
+    ENGINE
+        .get_or_init(|| {
+            let cfg = Config::for_tests(PathBuf::from("unused.db"));
+            voxpoll::app::load_engine(&cfg)
+                .expect("model missing: run scripts/fetch-model (scripts/test does)")
+        })
+        .clone()
+}
+
+/// A provider whose results are a pure function of its input: every audio push yields a final
+/// "N samples" for sentence k (k = push index); Finish yields Done. Lets protocol tests assert
+/// exact events and timings without speech recognition.
+pub struct EchoProvider;
+
+impl Provider for EchoProvider {
+    fn name(&self) -> &str {
+        "echo"
+    }
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            ready: true,
+            detail: "scripted".into(),
+        }
+    }
+    fn open(
+        &self,
+        _opts: &StreamOptions,
+        cancel: CancellationToken,
+    ) -> Result<ProviderStream, ProviderError> {
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel(8);
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut k = 0u32;
+            let mut pos_ms = 0u64;
+            loop {
+                let msg = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    m = in_rx.recv() => m,
+                };
+                match msg {
+                    Some(ProviderInput::Audio(pcm)) => {
+                        let start = pos_ms;
+                        pos_ms += pcm.len() as u64 / 16;
+                        let rec = Recognition {
+                            sentence: k,
+                            text: format!("{} samples", pcm.len()),
+                            start_ms: start,
+                            end_ms: pos_ms,
+                            words: None,
+                        };
+                        k += 1;
+                        if ev_tx.send(ProviderEvent::Final(rec)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(ProviderInput::Finish) => {
+                        let _ = ev_tx.send(ProviderEvent::Done).await;
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(ProviderStream {
+            input: in_tx,
+            events: ev_rx,
+        })
+    }
+}
+
+/// A running server owned by one test.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    dir: Arc<tempfile::TempDir>,
+}
+
+/// Starts a server with test defaults.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts a server after `tweak` adjusts the config.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    start(dir, tweak).await
+}
+
+async fn start(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let db = dir.path().join("voxpoll.db");
+    let mut config = Config::for_tests(db.clone());
+    tweak(&mut config);
+    let shutdown = CancellationToken::new();
+    let state = voxpoll::app::build_with_providers(
+        config,
+        Some(engine()),
+        vec![Arc::new(EchoProvider)],
+        shutdown.clone(),
+    )
+    .await
+    .expect("build app");
+    let listener = voxpoll::app::bind(([127, 0, 0, 1], 0).into()).expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let handle = tokio::spawn(voxpoll::app::run(listener, state, shutdown.clone()));
+    TestApp {
+        url,
+        http: reqwest::Client::new(),
+        shutdown,
+        handle: Some(handle),
+        dir,
+    }
+}
+
+/// A session as the tests hold it.
+pub struct TestSession {
+    pub id: String,
+    pub token: String,
+    pub created: Value,
+}
+
+impl TestApp {
+    /// Stops the server and waits for it (bounded).
+    pub async fn shutdown(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), h)
+                .await
+                .expect("server stops within 20 s")
+                .expect("join")
+                .expect("run ok");
+        }
+    }
+
+    /// Shuts down and starts a new server on the same database file.
+    pub async fn restart(mut self) -> TestApp {
+        self.shutdown().await;
+        start(Arc::clone(&self.dir), |_| {}).await
+    }
+
+    pub async fn create(&self, body: Value) -> TestSession {
+        let r = self
+            .http
+            .post(format!("{}/v1/sessions", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(r.status(), StatusCode::CREATED, "create session");
+        let created: Value = r.json().await.expect("json");
+        TestSession {
+            id: created["session_id"].as_str().expect("id").into(),
+            token: created["session_token"].as_str().expect("token").into(),
+            created,
+        }
+    }
+
+    /// POST a chunk; returns (status, body).
+    pub async fn upload(&self, s: &TestSession, query: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/sessions/{}/audio?{query}", self.url, s.id))
+            .header("x-session-token", &s.token)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .expect("upload");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET events after `after`, holding up to `wait_ms`.
+    pub async fn poll(&self, s: &TestSession, after: u64, wait_ms: u64) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!(
+                "{}/v1/sessions/{}/events?after={after}&wait_ms={wait_ms}",
+                self.url, s.id
+            ))
+            .header("x-session-token", &s.token)
+            .send()
+            .await
+            .expect("poll");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, s: &TestSession) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}/v1/sessions/{}", self.url, s.id))
+            .header("x-session-token", &s.token)
+            .send()
+            .await
+            .expect("get");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls until the `end` event; returns every event seen, in order.
+    pub async fn collect_until_end(&self, s: &TestSession, timeout: Duration) -> Vec<Value> {
+        let mut cursor = 0;
+        let mut all = Vec::new();
+        tokio::time::timeout(timeout, async {
+            loop {
+                let (status, page) = self.poll(s, cursor, 5_000).await;
+                assert_eq!(status, StatusCode::OK, "{page}");
+                all.extend(page["events"].as_array().expect("events").iter().cloned());
+                cursor = page["next_cursor"].as_u64().expect("cursor");
+                if page["done"] == json!(true) {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("session ends in time");
+        all
+    }
+
+    /// Streams 16 kHz mono samples in `chunk_ms` chunks (paced to real time when `realtime`),
+    /// the last one with `last=1`, and returns every event until `end`.
+    pub async fn stream_pcm(
+        &self,
+        s: &TestSession,
+        pcm: &[i16],
+        chunk_ms: usize,
+        realtime: bool,
+    ) -> Vec<Value> {
+        let per = 16 * chunk_ms;
+        let chunks: Vec<&[i16]> = pcm.chunks(per).collect();
+        let started = tokio::time::Instant::now();
+        for (i, c) in chunks.iter().enumerate() {
+            if realtime {
+                tokio::time::sleep_until(
+                    started + Duration::from_millis(((i + 1) * chunk_ms) as u64),
+                )
+                .await;
+            }
+            let last = if i + 1 == chunks.len() { "&last=1" } else { "" };
+            let (status, body) = self
+                .upload(s, &format!("seq={i}{last}"), pcm_bytes(c))
+                .await;
+            assert_eq!(status, StatusCode::OK, "chunk {i}: {body}");
+        }
+        self.collect_until_end(s, Duration::from_secs(120)).await
+    }
+}
+
+/// Little-endian bytes of samples.
+pub fn pcm_bytes(pcm: &[i16]) -> Vec<u8> {
+    pcm.iter().flat_map(|s| s.to_le_bytes()).collect()
+}
+
+/// Reads a WAV (any supported rate) into 16 kHz mono.
+pub fn read_wav(path: &std::path::Path) -> Vec<i16> {
+    voxpoll::audio::decode_wav_bytes(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("decode wav")
+}
+
+/// The transcript from the `end` event.
+pub fn transcript(events: &[Value]) -> String {
+    events
+        .iter()
+        .find(|e| e["type"] == "end")
+        .and_then(|e| e["transcript"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Levenshtein distance over tokens.
+pub fn edit_distance<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, y) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(x != y))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// English words, lower-cased, punctuation removed, a few spoken forms normalised.
+pub fn en_words(s: &str) -> Vec<String> {
+    s.to_lowercase()
+        .replace('-', " ")
+        .split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric() || *c == '\'')
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .map(|w| match w.as_str() {
+            "mr" => "mister".into(),
+            "mrs" => "missus".into(),
+            "10" => "ten".into(),
+            "5" => "five".into(),
+            _ => w,
+        })
+        .collect()
+}
+
+/// Chinese characters only (punctuation and spaces removed).
+pub fn zh_chars(s: &str) -> Vec<char> {
+    s.chars().filter(|c| c.is_alphanumeric()).collect()
+}
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
