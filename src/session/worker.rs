@@ -86,7 +86,8 @@ impl Worker {
                 self.push(error_event(
                     "provider_timeout",
                     "the provider did not deliver its last results in time",
-                ));
+                ))
+                .await;
                 return EndReason::Failed;
             }
             tokio::select! {
@@ -103,7 +104,7 @@ impl Worker {
                 ev = self.stream.events.recv() => match ev {
                     Some(ev) => self.on_event(ev).await,
                     None => {
-                        self.push(error_event("provider_closed", "the provider stream closed unexpectedly"));
+                        self.push(error_event("provider_closed", "the provider stream closed unexpectedly")).await;
                         return EndReason::Failed;
                     }
                 },
@@ -130,7 +131,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    self.push(error_event("unsupported_audio", &e.0));
+                    self.push(error_event("unsupported_audio", &e.0)).await;
                     self.outcome = Some(EndReason::Failed);
                     return;
                 }
@@ -196,7 +197,7 @@ impl Worker {
             st.status = "finishing";
         }
         if let Some(ev) = note {
-            self.push(ev);
+            self.push(ev).await;
         }
         if !self.input_done {
             self.feed(true).await;
@@ -222,27 +223,31 @@ impl Worker {
     async fn on_event(&mut self, ev: ProviderEvent) {
         match ev {
             ProviderEvent::Partial(r) => {
-                self.push(recognition_event(EventKind::Partial, r));
+                self.push(recognition_event(EventKind::Partial, r)).await;
             }
             ProviderEvent::Final(r) => {
-                if let Some(stored_ev) = self.push(recognition_event(EventKind::Final, r)) {
-                    let id = self.s.id.to_string();
-                    let store = Arc::clone(self.mgr.store());
-                    if let Err(e) = store.append_event(&id, &stored(&stored_ev)).await {
-                        tracing::error!(error = %e, cause = ?e, "persisting a final failed");
-                    }
+                if self
+                    .push(recognition_event(EventKind::Final, r))
+                    .await
+                    .is_some()
+                {
                     let progress = self.progress(None);
-                    if let Err(e) = store.update_progress(&id, &progress).await {
+                    if let Err(e) = self
+                        .mgr
+                        .store()
+                        .update_progress(&self.s.id.to_string(), &progress)
+                        .await
+                    {
                         tracing::error!(error = %e, cause = ?e, "persisting progress failed");
                     }
                 }
             }
             ProviderEvent::Warning { code, message } => {
-                self.push(warning_event(&code, &message));
+                self.push(warning_event(&code, &message)).await;
             }
             ProviderEvent::Error { code, message } => {
                 self.provider_failed = true;
-                self.push(error_event(&code, &message));
+                self.push(error_event(&code, &message)).await;
             }
             ProviderEvent::Done => {
                 self.outcome = Some(if self.provider_failed {
@@ -256,8 +261,21 @@ impl Worker {
         }
     }
 
-    fn push(&self, ev: Event) -> Option<Event> {
-        self.s.push_event(ev)
+    /// Appends to the log; every event but partials is also persisted, so the log served after
+    /// a restart has no gaps except superseded partials.
+    async fn push(&self, ev: Event) -> Option<Event> {
+        let stored_ev = self.s.push_event(ev)?;
+        if !matches!(stored_ev.kind, EventKind::Partial | EventKind::End) {
+            if let Err(e) = self
+                .mgr
+                .store()
+                .append_event(&self.s.id.to_string(), &stored(&stored_ev))
+                .await
+            {
+                tracing::error!(error = %e, cause = ?e, "persisting an event failed");
+            }
+        }
+        Some(stored_ev)
     }
 
     fn progress(&self, end: Option<EndReason>) -> SessionProgress {
@@ -284,7 +302,9 @@ impl Worker {
         end.reason = Some(reason);
         end.transcript = Some(progress.transcript.clone());
         end.end_ms = progress.audio_ms;
-        let Some(end) = self.push(end) else { return };
+        let Some(end) = self.s.push_event(end) else {
+            return;
+        };
         if let Err(e) = self
             .mgr
             .store()

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 #[tokio::test]
 async fn a_restart_keeps_finished_transcripts() {
     let app = spawn_app().await;
-    let s = app.create(json!({"provider": "echo"})).await;
+    let s = app
+        .create(json!({"provider": "echo", "engine": "16k_en"}))
+        .await;
     app.upload(&s, "seq=0", vec![0; 20]).await;
     app.upload(&s, "seq=1&last=1", vec![0; 40]).await;
     let before = app.collect_until_end(&s, Duration::from_secs(10)).await;
