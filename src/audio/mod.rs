@@ -232,8 +232,8 @@ fn parse_wav_header(buf: &[u8]) -> Result<Option<(u32, u16, usize)>, AudioError>
                     spec.bits_per_sample, spec.sample_format
                 )));
             }
-            drop(reader);
-            let offset = cursor.position() as usize;
+            // The reader stops right after the `data` chunk header.
+            let offset = reader.into_inner().position() as usize;
             Ok(Some((spec.sample_rate, spec.channels, offset)))
         }
         // A header cut by a chunk boundary: hound says EOF or "Failed to read enough bytes".
