@@ -332,16 +332,18 @@ async fn follow_events(
                     summary.final_delays_ms.push(now_ms as i64 - end_ms);
                     if live {
                         partial_line.set_message("");
-                        let _ = mp.println(format!(
-                            "[{}] {}",
-                            ev["sentence"],
-                            ev["text"].as_str().unwrap_or("")
-                        ));
+                        let line =
+                            format!("[{}] {}", ev["sentence"], ev["text"].as_str().unwrap_or(""));
+                        if mp.is_hidden() {
+                            println!("{line}"); // not a terminal: plain lines
+                        } else {
+                            let _ = mp.println(line);
+                        }
                     }
                     summary.sentences.push(ev.clone());
                 }
                 Some("error" | "warning") if live => {
-                    let _ = mp.println(format!("{}: {} {}", ev["type"], ev["code"], ev["message"]));
+                    eprintln!("{}: {} {}", ev["type"], ev["code"], ev["message"]);
                 }
                 Some("end") => {
                     summary.transcript = ev["transcript"].as_str().unwrap_or("").to_string();
