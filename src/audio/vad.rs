@@ -70,6 +70,8 @@ pub struct Segmenter {
     since_partial_ms: u64,
     /// Samples consumed so far (stream clock).
     samples: u64,
+    /// Stream position at the end of the last voiced frame (the end of speech).
+    last_voiced: u64,
     next_index: u32,
 }
 
@@ -89,6 +91,7 @@ impl Segmenter {
             silence_run_ms: 0,
             since_partial_ms: 0,
             samples: 0,
+            last_voiced: 0,
             next_index: 0,
         }
     }
@@ -127,6 +130,9 @@ impl Segmenter {
         let voiced = self.vad.is_voice_segment(&frame).unwrap_or(false);
         let frame_start = self.samples;
         self.samples += frame.len() as u64;
+        if voiced {
+            self.last_voiced = self.samples;
+        }
         if self.utterance.is_empty() {
             if voiced {
                 let pre: usize = self.preroll.iter().map(Vec::len).sum();
@@ -177,7 +183,8 @@ impl Segmenter {
         }
         let pcm = std::mem::take(&mut self.utterance);
         let start_ms = self.utterance_start * 1000 / u64::from(TARGET_RATE);
-        let end_ms = self.position_ms();
+        // The sentence ends where speech ended, not where the silence that closed it did.
+        let end_ms = self.last_voiced.max(self.utterance_start) * 1000 / u64::from(TARGET_RATE);
         if self.voiced_ms >= self.cfg.min_voiced_ms {
             out.push(Segment::Final {
                 utterance: self.next_index,

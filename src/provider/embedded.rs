@@ -87,10 +87,12 @@ impl Provider for EmbeddedProvider {
             (Some(e), _) => Readiness {
                 ready: true,
                 detail: format!("whisper model {}", e.model_path()),
+                stats: Some(e.stats_json()),
             },
             (None, err) => Readiness {
                 ready: false,
                 detail: err.clone().unwrap_or_default(),
+                stats: None,
             },
         }
     }

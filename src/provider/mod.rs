@@ -116,6 +116,9 @@ pub struct Readiness {
     pub ready: bool,
     /// Human detail (model path, why not ready).
     pub detail: String,
+    /// Provider-specific counters (the embedded engine reports decode work and queue depth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
 }
 
 /// The two ends of an open stream. Dropping `input` without [`ProviderInput::Finish`] is a cancel.

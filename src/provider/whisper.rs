@@ -132,6 +132,27 @@ impl WhisperEngine {
         cv.notify_one();
     }
 
+    /// Counters as JSON: decodes by kind, skipped partials, audio decoded and busy time (ms),
+    /// the engine RTF (busy / audio) and the queue depth.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let s = &self.stats;
+        let (audio, busy) = (
+            s.audio_ms.load(Ordering::Relaxed),
+            s.busy_ms.load(Ordering::Relaxed),
+        );
+        let (qf, qp) = self.queued();
+        serde_json::json!({
+            "decodes_partial": s.partials.load(Ordering::Relaxed),
+            "decodes_final": s.finals.load(Ordering::Relaxed),
+            "partials_skipped": s.partials_skipped.load(Ordering::Relaxed),
+            "audio_decoded_ms": audio,
+            "decode_busy_ms": busy,
+            "rtf": if audio > 0 { busy as f64 / audio as f64 } else { 0.0 },
+            "queued_finals": qf,
+            "queued_partials": qp,
+        })
+    }
+
     /// Jobs waiting for a worker: (finals, partials).
     pub fn queued(&self) -> (usize, usize) {
         let q = self

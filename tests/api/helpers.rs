@@ -40,6 +40,7 @@ impl Provider for EchoProvider {
         Readiness {
             ready: true,
             detail: "scripted".into(),
+            stats: None,
         }
     }
     fn open(
