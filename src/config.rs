@@ -69,10 +69,6 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_SESSION_LINGER_MS", default_value_t = 120_000)]
     pub session_linger_ms: u64,
 
-    /// Superseded partials kept in a session's log before they are coalesced away.
-    #[arg(long, env = "VOXPOLL_MAX_LOG_EVENTS", default_value_t = 1024)]
-    pub max_log_events: usize,
-
     /// Largest JSON request body, in bytes.
     #[arg(long, env = "VOXPOLL_MAX_JSON_BYTES", default_value_t = 64 * 1024)]
     pub max_json_bytes: u64,
@@ -134,7 +130,6 @@ impl Config {
             session_idle_ms: 60_000,
             session_max_audio_ms: 600_000,
             session_linger_ms: 120_000,
-            max_log_events: 1024,
             max_json_bytes: 64 * 1024,
             decode_workers: default_workers(),
             decode_threads: 1,
@@ -174,7 +169,6 @@ impl Config {
         anyhow::ensure!(self.decode_workers > 0, "--decode-workers must be > 0");
         anyhow::ensure!(self.decode_threads > 0, "--decode-threads must be > 0");
         anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
-        anyhow::ensure!(self.max_log_events >= 16, "--max-log-events must be >= 16");
         Ok(())
     }
 

@@ -302,7 +302,7 @@ mod tests {
 
     #[test]
     fn audio_ctx_has_a_ten_second_floor_and_a_cap() {
-        assert_eq!(audio_ctx_for(1.0), 512); // 550 → 576? no: (10 s floor) 500 → 512
+        assert_eq!(audio_ctx_for(1.0), 512); // 10 s floor: 500 frames → 512
         assert_eq!(audio_ctx_for(12.0), 704); // 13 × 50 = 650 → 704
         assert_eq!(audio_ctx_for(40.0), 1500);
     }

@@ -135,15 +135,31 @@ async fn partials_arrive_before_the_last_chunk_is_sent() {
             }
         })
     };
-    let events = app.stream_pcm(&s, &pcm, 200, true).await;
-    let last_sent = Instant::now(); // stream_pcm returns after the end event; bound below instead
+    // Upload at real-time pace; note when the last chunk is about to be sent.
+    let chunks: Vec<&[i16]> = pcm.chunks(16 * 200).collect();
+    let started = tokio::time::Instant::now();
+    let mut last_chunk_at = None;
+    for (i, c) in chunks.iter().enumerate() {
+        tokio::time::sleep_until(started + Duration::from_millis(200 * (i as u64 + 1))).await;
+        let last = i + 1 == chunks.len();
+        if last {
+            last_chunk_at = Some(Instant::now());
+        }
+        let q = format!("seq={i}{}", if last { "&last=1" } else { "" });
+        assert_eq!(
+            app.upload(&s, &q, pcm_bytes(c)).await.0,
+            reqwest::StatusCode::OK
+        );
+    }
     let partial_at = first_partial.await.unwrap().expect("a partial arrived");
-    assert!(partial_at < last_sent);
-    // The 36th chunk is the last one: a partial within the first ~5 s of real-time audio.
-    let finals = events.iter().filter(|e| e["type"] == "final").count();
-    assert!(finals >= 1);
-    let first_partial_seq = events.iter().position(|e| e["type"] == "partial");
-    assert!(first_partial_seq.is_some() || partial_at < last_sent);
+    let last_chunk_at = last_chunk_at.unwrap();
+    assert!(
+        partial_at < last_chunk_at,
+        "first partial {:?} after the last chunk",
+        partial_at.duration_since(last_chunk_at)
+    );
+    let events = app.collect_until_end(&s, Duration::from_secs(60)).await;
+    assert!(events.iter().any(|e| e["type"] == "final"));
 }
 
 #[tokio::test]
