@@ -209,6 +209,77 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Starts a long-poll in the background; resolves to (when it returned, status, body).
+    pub fn poll_in_background(
+        &self,
+        s: &TestSession,
+        after: u64,
+        wait_ms: u64,
+    ) -> tokio::task::JoinHandle<(std::time::Instant, StatusCode, Value)> {
+        let (http, url, id, token) = (
+            self.http.clone(),
+            self.url.clone(),
+            s.id.clone(),
+            s.token.clone(),
+        );
+        tokio::spawn(async move {
+            let r = http
+                .get(format!(
+                    "{url}/v1/sessions/{id}/events?after={after}&wait_ms={wait_ms}"
+                ))
+                .header("x-session-token", token)
+                .send()
+                .await
+                .expect("poll");
+            let returned = std::time::Instant::now();
+            let status = r.status();
+            (returned, status, r.json().await.unwrap_or(Value::Null))
+        })
+    }
+
+    /// Follows the session's events in the background; resolves to when the first event of
+    /// type `kind` arrived, or `None` if the session ended without one.
+    pub fn first_event_in_background(
+        &self,
+        s: &TestSession,
+        kind: &'static str,
+    ) -> tokio::task::JoinHandle<Option<std::time::Instant>> {
+        let (http, url, id, token) = (
+            self.http.clone(),
+            self.url.clone(),
+            s.id.clone(),
+            s.token.clone(),
+        );
+        tokio::spawn(async move {
+            let mut cursor = 0;
+            loop {
+                let page: Value = http
+                    .get(format!(
+                        "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=20000"
+                    ))
+                    .header("x-session-token", &token)
+                    .send()
+                    .await
+                    .expect("poll")
+                    .json()
+                    .await
+                    .expect("json");
+                if page["events"]
+                    .as_array()
+                    .expect("events")
+                    .iter()
+                    .any(|e| e["type"] == kind)
+                {
+                    return Some(std::time::Instant::now());
+                }
+                if page["done"] == true {
+                    return None;
+                }
+                cursor = page["next_cursor"].as_u64().expect("cursor");
+            }
+        })
+    }
+
     pub async fn get(&self, s: &TestSession) -> (StatusCode, Value) {
         let r = self
             .http

@@ -50,25 +50,8 @@ async fn shutdown_releases_waiting_polls_and_records_open_sessions() {
     app.upload(&s, "seq=0", vec![0; 20]).await;
     let (_, first) = app.poll(&s, 0, 5_000).await;
     let cursor = first["next_cursor"].as_u64().unwrap();
-    let poll = {
-        let (http, url, id, token) = (
-            app.http.clone(),
-            app.url.clone(),
-            s.id.clone(),
-            s.token.clone(),
-        );
-        tokio::spawn(async move {
-            let t = Instant::now();
-            let r = http
-                .get(format!(
-                    "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=30000"
-                ))
-                .header("x-session-token", token)
-                .send()
-                .await;
-            (t.elapsed(), r.map(|r| r.status()))
-        })
-    };
+    let poll_started = Instant::now();
+    let poll = app.poll_in_background(&s, cursor, 30_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
     app.shutdown().await;
@@ -77,12 +60,13 @@ async fn shutdown_releases_waiting_polls_and_records_open_sessions() {
         "shutdown took {:?}",
         t.elapsed()
     );
-    let (held, status) = poll.await.unwrap();
+    let (returned, status, _) = poll.await.unwrap();
+    let held = returned.duration_since(poll_started);
     assert!(
         held < Duration::from_secs(5),
         "the waiting poll was released (held {held:?})"
     );
-    assert_eq!(status.unwrap(), StatusCode::OK);
+    assert_eq!(status, StatusCode::OK);
 
     let app = app.restart().await;
     let (_, info) = app.get(&s).await;

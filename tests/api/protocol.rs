@@ -303,32 +303,14 @@ async fn a_poll_never_holds_past_the_advertised_maximum() {
 async fn a_waiting_poll_returns_within_milliseconds_of_an_event() {
     let app = spawn_app().await;
     let s = app.create(echo()).await;
-    let poll = {
-        let (http, url, id, token) = (
-            app.http.clone(),
-            app.url.clone(),
-            s.id.clone(),
-            s.token.clone(),
-        );
-        tokio::spawn(async move {
-            let r = http
-                .get(format!(
-                    "{url}/v1/sessions/{id}/events?after=0&wait_ms=20000"
-                ))
-                .header("x-session-token", token)
-                .send()
-                .await
-                .unwrap();
-            (Instant::now(), r.json::<Value>().await.unwrap())
-        })
-    };
+    let poll = app.poll_in_background(&s, 0, 20_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent = Instant::now();
     assert_eq!(
         app.upload(&s, "seq=0", vec![0; 320]).await.0,
         StatusCode::OK
     );
-    let (returned, page) = tokio::time::timeout(Duration::from_secs(5), poll)
+    let (returned, _, page) = tokio::time::timeout(Duration::from_secs(5), poll)
         .await
         .unwrap()
         .unwrap();

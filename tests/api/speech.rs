@@ -99,42 +99,7 @@ async fn partials_arrive_before_the_last_chunk_is_sent() {
     let app = spawn_app().await;
     let (pcm, _) = english_corpus().remove(0); // 7.1 s
     let s = app.create(json!({"engine": "16k_en"})).await;
-    let first_partial = {
-        let (http, url, id, token) = (
-            app.http.clone(),
-            app.url.clone(),
-            s.id.clone(),
-            s.token.clone(),
-        );
-        tokio::spawn(async move {
-            let mut cursor = 0;
-            loop {
-                let page: Value = http
-                    .get(format!(
-                        "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=20000"
-                    ))
-                    .header("x-session-token", &token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if page["events"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|e| e["type"] == "partial")
-                {
-                    return Some(Instant::now());
-                }
-                if page["done"] == true {
-                    return None;
-                }
-                cursor = page["next_cursor"].as_u64().unwrap();
-            }
-        })
-    };
+    let first_partial = app.first_event_in_background(&s, "partial");
     // Upload at real-time pace; note when the last chunk is about to be sent.
     let chunks: Vec<&[i16]> = pcm.chunks(16 * 200).collect();
     let started = tokio::time::Instant::now();
