@@ -276,7 +276,7 @@ async fn an_idle_poll_returns_empty_within_the_hold() {
     assert_eq!(page["next_cursor"], 0);
     assert_eq!(page["done"], false);
     assert!(
-        took >= Duration::from_millis(1000) && took < Duration::from_millis(1400),
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
         "held {took:?}"
     );
 }
@@ -317,7 +317,7 @@ async fn a_waiting_poll_returns_within_milliseconds_of_an_event() {
     let latency = returned.duration_since(sent);
     assert_eq!(page["events"][0]["text"], "160 samples");
     assert!(
-        latency < Duration::from_millis(150),
+        latency < Duration::from_millis(250),
         "poll returned {latency:?} after the chunk"
     );
 }
