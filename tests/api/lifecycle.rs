@@ -81,3 +81,74 @@ async fn shutdown_releases_waiting_polls_and_records_open_sessions() {
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn sessions_left_open_by_a_killed_process_are_recorded_as_failed_at_start() {
+    use voxpoll::store::{SessionRecord, SessionStore, StoredEvent};
+    // What a kill -9 leaves behind: an `open` row with one persisted final.
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("crashed.db");
+    let token = "a-token-from-before-the-crash";
+    let id = "6f1c2d3e-4a5b-4c6d-8e7f-0123456789ab";
+    {
+        let db = voxpoll::store::sqlite::Db::open(&db_path).await.unwrap();
+        let token_sha256 = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(token.as_bytes()))
+        };
+        let rec = SessionRecord {
+            id: id.into(),
+            user_id: None,
+            token_sha256,
+            provider: "embedded".into(),
+            engine: "16k_en".into(),
+            options_json: "{}".into(),
+            status: "open".into(),
+            epoch: 1,
+            acked_seq: Some(4),
+            audio_ms: 1000,
+            transcript: "hello".into(),
+            end_reason: None,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            ended_at_ms: None,
+        };
+        db.insert_session(&rec).await.unwrap();
+        let fin = json!({"seq": 1, "type": "final", "sentence": 0, "text": "hello", "start_ms": 0, "end_ms": 900});
+        db.append_event(
+            id,
+            &StoredEvent {
+                seq: 1,
+                json: fin.to_string(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let app = spawn_app_with(|c| c.db = db_path.clone()).await;
+    let s = TestSession {
+        id: id.into(),
+        token: token.into(),
+        created: Value::Null,
+    };
+    let (st, info) = app.get(&s).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(info["status"], "failed");
+    assert_eq!(info["transcript"], "hello");
+    let events = app.collect_until_end(&s, Duration::from_secs(5)).await;
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(1, "final".into()), (2, "error".into()), (3, "end".into())]
+    );
+    assert_eq!(events[1]["code"], "server_restarted");
+    assert_eq!(events[2]["transcript"], "hello");
+}
