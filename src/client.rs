@@ -104,7 +104,7 @@ type LocalServer = (
 
 async fn start_local(args: &TranscribeArgs) -> anyhow::Result<(String, LocalServer)> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config::for_tests(dir.path().join("voxpoll.db"));
+    let mut config = Config::loopback(dir.path().join("voxpoll.db"));
     config.model = args.model.clone();
     let engine = crate::app::load_engine(&config)?;
     let shutdown = CancellationToken::new();

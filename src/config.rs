@@ -113,8 +113,9 @@ pub fn cache_dir() -> PathBuf {
 }
 
 impl Config {
-    /// Defaults for tests: a given database file, port 0 on loopback, no environment read.
-    pub fn for_tests(db: PathBuf) -> Self {
+    /// Defaults on loopback port 0 with the given database file, reading no environment: the
+    /// in-process server of `voxpoll transcribe` and the test harness use it.
+    pub fn loopback(db: PathBuf) -> Self {
         Self {
             host: IpAddr::from([127, 0, 0, 1]),
             port: Some(0),

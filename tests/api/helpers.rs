@@ -20,7 +20,7 @@ static ENGINE: OnceLock<Arc<WhisperEngine>> = OnceLock::new();
 pub fn engine() -> Arc<WhisperEngine> {
     ENGINE
         .get_or_init(|| {
-            let cfg = Config::for_tests(PathBuf::from("unused.db"));
+            let cfg = Config::loopback(PathBuf::from("unused.db"));
             voxpoll::app::load_engine(&cfg)
                 .expect("model missing: run scripts/fetch-model (scripts/test does)")
         })
@@ -112,7 +112,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 
 async fn start(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let db = dir.path().join("voxpoll.db");
-    let mut config = Config::for_tests(db.clone());
+    let mut config = Config::loopback(db.clone());
     tweak(&mut config);
     let shutdown = CancellationToken::new();
     let state = voxpoll::app::build_with_providers(

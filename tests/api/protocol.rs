@@ -500,7 +500,7 @@ async fn health_and_ready() {
 #[tokio::test]
 async fn ready_is_503_without_a_model() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = voxpoll::config::Config::for_tests(dir.path().join("db.sqlite"));
+    let mut cfg = voxpoll::config::Config::loopback(dir.path().join("db.sqlite"));
     cfg.model = dir.path().join("missing.bin");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let state = voxpoll::app::build(cfg, None, shutdown.clone())
