@@ -1,4 +1,4 @@
--- voxpoll schema, version 1. Embedded into the binary (src/store/sqlite.rs) and applied at start;
+-- voxpoll schema, version 2. Embedded into the binary (src/store/sqlite.rs) and applied at start;
 -- PRAGMA user_version tracks the applied version.
 
 -- One row per realtime session.
@@ -28,3 +28,17 @@ CREATE TABLE IF NOT EXISTS session_events (
     event_json  TEXT NOT NULL,                 -- the event exactly as served by /events
     PRIMARY KEY (session_id, seq)
 );
+
+-- Version 2: one-shot recognitions (`POST /v1/recognize`), listed in history beside sessions.
+CREATE TABLE IF NOT EXISTS recognitions (
+    id              TEXT PRIMARY KEY,          -- UUID v4, hyphenated
+    user_id         TEXT,                      -- owner (NULL while auth is off)
+    provider        TEXT NOT NULL,
+    engine          TEXT NOT NULL,
+    text            TEXT NOT NULL,             -- sentences joined
+    sentences_json  TEXT NOT NULL,             -- [{sentence, text, start_ms, end_ms, words?}]
+    duration_ms     INTEGER NOT NULL,          -- audio duration
+    created_at_ms   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recognitions_user_created ON recognitions (user_id, created_at_ms);
+CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (ended_at_ms);

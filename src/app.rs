@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::http::{routes, AppState};
 use crate::provider::embedded::{EmbeddedProvider, EmbeddedSettings};
 use crate::provider::whisper::WhisperEngine;
-use crate::provider::Provider;
+use crate::provider::{registry, Provider};
 use crate::session::{Providers, SessionManager};
 use crate::store::sqlite::Db;
 use anyhow::Context;
@@ -77,14 +77,36 @@ pub async fn build_with_providers(
     ));
     let mut by_name = HashMap::new();
     by_name.insert(embedded.name().to_string(), embedded);
+    if let Some(path) = &config.providers {
+        for entry in registry::load_file(path)? {
+            let p = registry::build(entry)?;
+            tracing::info!(
+                provider = p.name(),
+                ready = p.readiness().ready,
+                "provider configured"
+            );
+            by_name.insert(p.name().to_string(), p);
+        }
+    }
     for p in extra {
         by_name.insert(p.name().to_string(), p);
     }
+    anyhow::ensure!(
+        by_name.contains_key(&config.default_provider),
+        "--default-provider {:?} is not configured",
+        config.default_provider
+    );
     let providers = Providers {
-        default: "embedded".into(),
+        default: config.default_provider.clone(),
         by_name,
     };
-    let sessions = SessionManager::new(Arc::clone(&config), Arc::new(db), providers, shutdown);
+    let db = Arc::new(db);
+    let sessions = SessionManager::new(
+        Arc::clone(&config),
+        Arc::clone(&db) as Arc<dyn crate::store::SessionStore>,
+        providers,
+        shutdown.clone(),
+    );
     let orphans = sessions.recover_orphans().await?;
     if orphans > 0 {
         tracing::warn!(
@@ -92,7 +114,35 @@ pub async fn build_with_providers(
             "sessions left open by a previous process were recorded as failed"
         );
     }
-    Ok(AppState { config, sessions })
+    spawn_purge(Arc::clone(&config), Arc::clone(&db), shutdown);
+    Ok(AppState {
+        config,
+        sessions,
+        history: db,
+    })
+}
+
+/// Deletes history past `history_retention_ms` every `purge_interval_ms` until shutdown.
+fn spawn_purge(config: Arc<Config>, db: Arc<Db>, shutdown: CancellationToken) {
+    if config.history_retention_ms == 0 {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(std::time::Duration::from_millis(config.purge_interval_ms));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let cutoff = crate::session::now_ms().saturating_sub(config.history_retention_ms);
+            match crate::store::HistoryStore::purge(&*db, cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "history past retention purged"),
+                Err(e) => tracing::error!(error = %e, cause = ?e, "history purge failed"),
+            }
+        }
+    });
 }
 
 /// Binds `addr` with a large accept backlog (warp's own bind uses 128 and panics on failure).

@@ -92,6 +92,35 @@ pub struct Config {
     /// Time to let sessions finish on shutdown before they are recorded as failed, in ms.
     #[arg(long, env = "VOXPOLL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+
+    /// Providers file (JSON array of named Tencent / OpenAI-compatible / FunASR providers; see
+    /// README "Providers"). The embedded provider is always available as `embedded`.
+    #[arg(long, env = "VOXPOLL_PROVIDERS")]
+    pub providers: Option<PathBuf>,
+
+    /// Provider a session or one-shot request gets when it names none.
+    #[arg(long, env = "VOXPOLL_DEFAULT_PROVIDER", default_value = "embedded")]
+    pub default_provider: String,
+
+    /// Largest one-shot upload (`/v1/recognize`, `/api/realtime-voice/recognize`), in bytes.
+    #[arg(long, env = "VOXPOLL_MAX_UPLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+
+    /// Longest audio a one-shot request may carry, in ms.
+    #[arg(
+        long,
+        env = "VOXPOLL_MAX_RECOGNIZE_AUDIO_MS",
+        default_value_t = 600_000
+    )]
+    pub max_recognize_audio_ms: u64,
+
+    /// How long ended sessions and one-shot recognitions stay in history, in ms (0 = forever).
+    #[arg(long, env = "VOXPOLL_HISTORY_RETENTION_MS", default_value_t = 30 * 24 * 3_600_000)]
+    pub history_retention_ms: u64,
+
+    /// How often the purge task deletes history past retention, in ms.
+    #[arg(long, env = "VOXPOLL_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
+    pub purge_interval_ms: u64,
 }
 
 fn default_workers() -> usize {
@@ -137,6 +166,12 @@ impl Config {
             partial_interval_ms: 1000,
             vad_silence_ms: 600,
             shutdown_grace_ms: 10_000,
+            providers: None,
+            default_provider: "embedded".into(),
+            max_upload_bytes: 10 * 1024 * 1024,
+            max_recognize_audio_ms: 600_000,
+            history_retention_ms: 30 * 24 * 3_600_000,
+            purge_interval_ms: 3_600_000,
         }
     }
 
@@ -170,6 +205,11 @@ impl Config {
         anyhow::ensure!(self.decode_workers > 0, "--decode-workers must be > 0");
         anyhow::ensure!(self.decode_threads > 0, "--decode-threads must be > 0");
         anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
+        anyhow::ensure!(self.max_upload_bytes > 0, "--max-upload-bytes must be > 0");
+        anyhow::ensure!(
+            self.purge_interval_ms > 0,
+            "--purge-interval-ms must be > 0"
+        );
         Ok(())
     }
 

@@ -86,6 +86,25 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// 404 for other resources (`history_not_found`).
+    #[error("{message}")]
+    NotFound {
+        /// Machine code.
+        code: &'static str,
+        /// Human text.
+        message: String,
+    },
+    /// 502: the provider answered with an error. `code` is voxpoll's (`provider_auth_failed`,
+    /// `provider_busy`, …); `provider_code` keeps the upstream's own code in the body.
+    #[error("{message}")]
+    Upstream {
+        /// voxpoll's code.
+        code: String,
+        /// The upstream's code verbatim.
+        provider_code: Option<String>,
+        /// Human text.
+        message: String,
+    },
     /// 500: logged once here with its cause chain; the client sees an opaque message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -106,7 +125,10 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::SessionNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::SessionNotFound(_) | Self::RouteNotFound(_) | Self::NotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::SessionClosed { .. } => StatusCode::GONE,
@@ -119,9 +141,11 @@ impl ApiError {
     }
 
     /// The stable machine code of the JSON body.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
+            Self::Upstream { code, .. } => code,
             Self::BadRequest { code, .. }
+            | Self::NotFound { code, .. }
             | Self::Unauthorized { code, .. }
             | Self::Forbidden { code, .. }
             | Self::Conflict { code, .. }
@@ -149,9 +173,16 @@ impl Reply for ApiError {
         if let Self::Internal(e) = &self {
             tracing::error!(error = %e, cause_chain = ?e, "internal error");
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": { "code": self.code(), "message": self.to_string() }
         });
+        if let Self::Upstream {
+            provider_code: Some(pc),
+            ..
+        } = &self
+        {
+            body["error"]["provider_code"] = pc.clone().into();
+        }
         let mut resp =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
         if let Self::TooBusy { retry_after_s, .. } = self {

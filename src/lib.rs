@@ -20,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod oneshot;
 pub mod provider;
 pub mod session;
 pub mod store;

@@ -2,6 +2,7 @@
 //! mono or stereo) into 16 kHz mono s16 samples, incrementally across chunk boundaries.
 //! A leaf module: it knows nothing of sessions or providers.
 
+pub mod file;
 pub mod vad;
 
 use rubato::{FftFixedIn, Resampler};
@@ -101,12 +102,7 @@ impl Decoder {
         self.resampler = if self.rate == TARGET_RATE {
             None
         } else {
-            let inner = FftFixedIn::new(self.rate as usize, TARGET_RATE as usize, 1024, 2, 1)
-                .map_err(|e| AudioError(format!("cannot resample {} Hz: {e}", self.rate)))?;
-            Some(Resampling {
-                inner,
-                pending: Vec::new(),
-            })
+            Some(Resampling::new(self.rate, TARGET_RATE)?)
         };
         Ok(())
     }
@@ -159,28 +155,83 @@ impl Decoder {
     }
 
     fn resample(&mut self, mono: Vec<f32>, flush: bool) -> Vec<i16> {
-        let Some(rs) = self.resampler.as_mut() else {
-            return mono.into_iter().map(to_i16).collect();
-        };
-        rs.pending.extend_from_slice(&mono);
+        match self.resampler.as_mut() {
+            None => mono.into_iter().map(to_i16).collect(),
+            Some(rs) => rs.run(&mono, flush),
+        }
+    }
+}
+
+impl Resampling {
+    fn new(from: u32, to: u32) -> Result<Self, AudioError> {
+        let inner = FftFixedIn::new(from as usize, to as usize, 1024, 2, 1)
+            .map_err(|e| AudioError(format!("cannot resample {from} Hz to {to} Hz: {e}")))?;
+        Ok(Self {
+            inner,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Resamples what full blocks allow; with `flush`, the remainder too.
+    fn run(&mut self, input: &[f32], flush: bool) -> Vec<i16> {
+        self.pending.extend_from_slice(input);
         let mut out = Vec::new();
         loop {
-            let need = rs.inner.input_frames_next();
-            if rs.pending.len() < need {
+            let need = self.inner.input_frames_next();
+            if self.pending.len() < need {
                 break;
             }
-            let block: Vec<f32> = rs.pending.drain(..need).collect();
-            if let Ok(res) = rs.inner.process(&[block], None) {
+            let block: Vec<f32> = self.pending.drain(..need).collect();
+            if let Ok(res) = self.inner.process(&[block], None) {
                 out.extend(res[0].iter().copied().map(to_i16));
             }
         }
-        if flush && !rs.pending.is_empty() {
-            let rest = std::mem::take(&mut rs.pending);
-            if let Ok(res) = rs.inner.process_partial(Some(&[rest]), None) {
+        if flush && !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            if let Ok(res) = self.inner.process_partial(Some(&[rest]), None) {
                 out.extend(res[0].iter().copied().map(to_i16));
             }
         }
         out
+    }
+}
+
+/// Converts a stream of mono samples from one rate to another (rubato), e.g. 16 kHz to the
+/// 8 kHz that Tencent's `8k_*` engines take. A no-op when the rates are equal.
+pub struct RateConverter {
+    inner: Option<Resampling>,
+}
+
+impl RateConverter {
+    /// A converter from `from` Hz to `to` Hz.
+    ///
+    /// # Errors
+    /// Rates rubato cannot convert between.
+    pub fn new(from: u32, to: u32) -> Result<Self, AudioError> {
+        Ok(Self {
+            inner: (from != to)
+                .then(|| Resampling::new(from, to))
+                .transpose()?,
+        })
+    }
+
+    /// Converts the next samples; some may be held back until the next call or [`Self::flush`].
+    pub fn process(&mut self, pcm: &[i16]) -> Vec<i16> {
+        match self.inner.as_mut() {
+            None => pcm.to_vec(),
+            Some(rs) => rs.run(
+                &pcm.iter().map(|&x| f32::from(x)).collect::<Vec<_>>(),
+                false,
+            ),
+        }
+    }
+
+    /// Converts whatever is held back.
+    pub fn flush(&mut self) -> Vec<i16> {
+        match self.inner.as_mut() {
+            None => Vec::new(),
+            Some(rs) => rs.run(&[], true),
+        }
     }
 }
 

@@ -2,12 +2,15 @@
 //! Handlers stay thin: parse, call the session engine, shape the reply. Every failure is an
 //! [`ApiError`] rendered once by its `Reply` impl or by [`crate::error::recover`].
 
+mod history;
 mod ops;
+mod recognize;
 mod sessions;
 
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::session::{SessionError, SessionManager};
+use crate::store::HistoryStore;
 use std::sync::Arc;
 use warp::Filter;
 
@@ -18,6 +21,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The session engine.
     pub sessions: SessionManager,
+    /// Recognition history.
+    pub history: Arc<dyn HistoryStore>,
 }
 
 /// The whole route tree, with the error recovery and request tracing attached.
@@ -25,7 +30,11 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
     ops::routes(state.clone())
-        .or(sessions::routes(state))
+        .or(sessions::routes(state.clone()))
+        .unify()
+        .or(recognize::routes(state.clone()))
+        .unify()
+        .or(history::routes(state))
         .unify()
         .recover(crate::error::recover)
         .unify()
@@ -89,6 +98,11 @@ impl From<SessionError> for ApiError {
             SessionError::ProviderUnavailable(m) => ApiError::Unavailable {
                 code: "provider_unavailable",
                 message: m,
+            },
+            SessionError::ProviderBusy(m) => ApiError::TooBusy {
+                code: "provider_busy",
+                message: m,
+                retry_after_s: 5,
             },
             SessionError::ShuttingDown => ApiError::Unavailable {
                 code: "shutting_down",

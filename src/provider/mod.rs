@@ -8,6 +8,11 @@
 //! real-time ASR, FunASR) and request-per-utterance HTTP servers (OpenAI-compatible).
 
 pub mod embedded;
+pub mod funasr;
+pub mod openai;
+pub mod registry;
+pub mod segmented;
+pub mod tencent;
 pub mod whisper;
 
 use serde::{Deserialize, Serialize};
@@ -89,9 +94,11 @@ pub enum ProviderEvent {
     },
     /// The stream failed; a [`ProviderEvent::Done`] follows.
     Error {
-        /// Machine code (the provider's own code where it has one).
+        /// voxpoll's machine code (`provider_auth_failed`, `provider_error`, …).
         code: String,
-        /// Human text.
+        /// The upstream's own code verbatim (Tencent `4008`, TC3 `AuthFailure.SignatureFailure`).
+        provider_code: Option<String>,
+        /// Human text (the upstream's message where it gave one).
         message: String,
     },
     /// The stream is over: every result has been sent.
@@ -107,6 +114,52 @@ pub enum ProviderError {
     /// The provider is not usable now (model missing, credentials absent, upstream down).
     #[error("{0}")]
     Unavailable(String),
+    /// A configured concurrency limit is reached (429 with `Retry-After` to the client).
+    #[error("{0}")]
+    Busy(String),
+    /// The audio is outside what the provider takes (too long, too large, wrong codec).
+    #[error("{0}")]
+    AudioRejected(String),
+    /// The upstream answered with an error (502 to the client, its code kept).
+    #[error("{message}")]
+    Upstream {
+        /// voxpoll's machine code.
+        code: String,
+        /// The upstream's own code verbatim.
+        provider_code: Option<String>,
+        /// Human text.
+        message: String,
+    },
+}
+
+/// Audio of a one-shot recognition.
+#[derive(Debug, Clone)]
+pub struct OneShotAudio {
+    /// The whole recording as 16 kHz mono s16 samples.
+    pub pcm: Vec<i16>,
+    /// The upload as sent, for providers that take its codec as is (Tencent `VoiceFormat`,
+    /// OpenAI's file formats); `None` for raw PCM.
+    pub original: Option<Original>,
+}
+
+/// An uploaded file as received.
+#[derive(Debug, Clone)]
+pub struct Original {
+    /// The bytes.
+    pub bytes: bytes::Bytes,
+    /// Container/codec: `wav`, `mp3`, `m4a`, `aac`, `ogg`, `flac`.
+    pub format: String,
+    /// Its sample rate, Hz.
+    pub rate: u32,
+    /// Its channel count.
+    pub channels: u16,
+}
+
+impl OneShotAudio {
+    /// Duration of [`OneShotAudio::pcm`], ms.
+    pub fn duration_ms(&self) -> u64 {
+        self.pcm.len() as u64 / 16
+    }
 }
 
 /// Readiness as reported by `GET /ready`.
@@ -130,6 +183,7 @@ pub struct ProviderStream {
 }
 
 /// A streaming ASR provider. Implementations are shared by all sessions (`Arc<dyn Provider>`).
+#[async_trait::async_trait]
 pub trait Provider: Send + Sync {
     /// The configured name sessions select it by.
     fn name(&self) -> &str;
@@ -147,4 +201,77 @@ pub trait Provider: Send + Sync {
         opts: &StreamOptions,
         cancel: CancellationToken,
     ) -> Result<ProviderStream, ProviderError>;
+
+    /// Recognises a whole recording at once (`POST /v1/recognize`). Returns the final sentences
+    /// in order. The default streams the audio through [`Provider::open`] as fast as the stream
+    /// takes it; providers with a one-shot API of their own override it.
+    ///
+    /// # Errors
+    /// As [`Provider::open`], plus [`ProviderError::Upstream`] when the stream fails.
+    async fn recognize(
+        &self,
+        audio: OneShotAudio,
+        opts: &StreamOptions,
+    ) -> Result<Vec<Recognition>, ProviderError> {
+        recognize_via_stream(self.open(opts, CancellationToken::new())?, audio.pcm).await
+    }
+}
+
+/// Feeds `pcm` into an open stream in 200 ms pieces, finishes it, and collects its finals.
+///
+/// # Errors
+/// [`ProviderError::Upstream`] when the stream reports an error or closes early.
+pub async fn recognize_via_stream(
+    stream: ProviderStream,
+    pcm: Vec<i16>,
+) -> Result<Vec<Recognition>, ProviderError> {
+    let ProviderStream { input, mut events } = stream;
+    let feeder = tokio::spawn(async move {
+        for piece in pcm.chunks(3200) {
+            if input
+                .send(ProviderInput::Audio(piece.to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = input.send(ProviderInput::Finish).await;
+        // Keep the sender alive until the stream is done: dropping it would cancel.
+        input.closed().await;
+    });
+    let mut finals = Vec::new();
+    let mut failure = None;
+    let mut done = false;
+    while let Some(ev) = events.recv().await {
+        match ev {
+            ProviderEvent::Final(r) if !r.text.is_empty() => finals.push(r),
+            ProviderEvent::Error {
+                code,
+                provider_code,
+                message,
+            } => {
+                failure.get_or_insert(ProviderError::Upstream {
+                    code,
+                    provider_code,
+                    message,
+                });
+            }
+            ProviderEvent::Done => {
+                done = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    feeder.abort();
+    match failure {
+        Some(e) => Err(e),
+        None if !done => Err(ProviderError::Upstream {
+            code: "provider_closed".into(),
+            provider_code: None,
+            message: "the provider stream closed before its last result".into(),
+        }),
+        None => Ok(finals),
+    }
 }

@@ -72,6 +72,10 @@ pub struct Event {
     /// `error`/`warning` human text.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
+    /// `error` from a provider: the upstream's own code verbatim (Tencent `4008`, TC3
+    /// `AuthFailure.SignatureFailure`, an HTTP status).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub provider_code: Option<String>,
     /// `end` only.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<EndReason>,
@@ -93,6 +97,7 @@ impl Event {
             words: None,
             code: None,
             message: None,
+            provider_code: None,
             reason: None,
             transcript: None,
         }

@@ -77,12 +77,27 @@ pub enum SessionError {
     /// The provider cannot take sessions now.
     #[error("provider unavailable: {0}")]
     ProviderUnavailable(String),
+    /// The provider's concurrency limit is reached.
+    #[error("{0}")]
+    ProviderBusy(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
     /// Storage failed.
     #[error("storage failure")]
     Store(#[from] StoreError),
+}
+
+impl From<ProviderError> for SessionError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Unsupported(m) => Self::InvalidOption(m),
+            ProviderError::Unavailable(m) => Self::ProviderUnavailable(m),
+            ProviderError::Busy(m) => Self::ProviderBusy(m),
+            ProviderError::AudioRejected(m) => Self::UnsupportedAudio(m),
+            ProviderError::Upstream { message, .. } => Self::ProviderUnavailable(message),
+        }
+    }
 }
 
 /// Options of `POST /v1/sessions` (shared/api.md). All optional.
@@ -114,6 +129,61 @@ pub struct CreateOptions {
     pub hotword_list: Option<String>,
     /// Non-speech that ends a sentence, ms (200..=5000).
     pub vad_silence_ms: Option<u64>,
+}
+
+impl CreateOptions {
+    /// Validates the recognition options and gives them in the providers' terms.
+    ///
+    /// # Errors
+    /// [`SessionError::InvalidOption`] naming the field.
+    pub fn stream_options(&self) -> Result<StreamOptions, SessionError> {
+        if let Some(v) = self.vad_silence_ms {
+            if !(200..=5000).contains(&v) {
+                return Err(SessionError::InvalidOption(format!(
+                    "vad_silence_ms {v} is outside 200..=5000"
+                )));
+            }
+        }
+        if self.hotword_list.as_ref().is_some_and(|h| h.len() > 4096) {
+            return Err(SessionError::InvalidOption(
+                "hotword_list exceeds 4096 bytes".into(),
+            ));
+        }
+        for (name, v, max) in [
+            ("filter_dirty", self.filter_dirty, 2),
+            ("filter_modal", self.filter_modal, 2),
+            ("filter_punc", self.filter_punc, 2),
+            ("convert_num_mode", self.convert_num_mode, 3),
+            ("word_info", self.word_info, 2),
+        ] {
+            if v.is_some_and(|v| v > max) {
+                return Err(SessionError::InvalidOption(format!(
+                    "{name} must be between 0 and {max}"
+                )));
+            }
+        }
+        Ok(StreamOptions {
+            engine: self.engine.clone().unwrap_or_else(|| "16k_zh".into()),
+            partials: self.partials.unwrap_or(true),
+            vad_silence_ms: self.vad_silence_ms,
+            filter_dirty: self.filter_dirty,
+            filter_modal: self.filter_modal,
+            filter_punc: self.filter_punc,
+            convert_num_mode: self.convert_num_mode,
+            word_info: self.word_info,
+            hotword_list: self.hotword_list.clone(),
+        })
+    }
+}
+
+/// Separator between sentences in a transcript: none for Chinese, Japanese and Cantonese
+/// engines, a space otherwise.
+pub fn sentence_joiner(engine: &str) -> &'static str {
+    if engine.contains("zh") || engine.contains("ja") || engine.contains("yue") {
+        ""
+    } else {
+        " "
+    }
 }
 
 /// Answer to session creation.
@@ -232,6 +302,27 @@ pub struct Providers {
     pub default: String,
     /// All configured providers.
     pub by_name: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl Providers {
+    /// The provider named `name`, or the default one.
+    ///
+    /// # Errors
+    /// [`SessionError::InvalidOption`] listing the configured names.
+    pub fn get(&self, name: Option<&str>) -> Result<(String, Arc<dyn Provider>), SessionError> {
+        let name = name.unwrap_or(&self.default).to_string();
+        match self.by_name.get(&name) {
+            Some(p) => Ok((name, Arc::clone(p))),
+            None => {
+                let mut names: Vec<_> = self.by_name.keys().cloned().collect();
+                names.sort();
+                Err(SessionError::InvalidOption(format!(
+                    "unknown provider {name:?}; configured: {}",
+                    names.join(", ")
+                )))
+            }
+        }
+    }
 }
 
 /// Mutable state of one session, behind a short-held mutex.
@@ -486,47 +577,8 @@ impl SessionManager {
         let channels = opts.channels.unwrap_or(1);
         let decoder = Decoder::new(format, rate, channels)
             .map_err(|e| SessionError::UnsupportedAudio(e.0))?;
-        if let Some(v) = opts.vad_silence_ms {
-            if !(200..=5000).contains(&v) {
-                return Err(SessionError::InvalidOption(format!(
-                    "vad_silence_ms {v} is outside 200..=5000"
-                )));
-            }
-        }
-        if opts.hotword_list.as_ref().is_some_and(|h| h.len() > 4096) {
-            return Err(SessionError::InvalidOption(
-                "hotword_list exceeds 4096 bytes".into(),
-            ));
-        }
-        let provider_name = opts
-            .provider
-            .clone()
-            .unwrap_or_else(|| self.inner.providers.default.clone());
-        let provider = self
-            .inner
-            .providers
-            .by_name
-            .get(&provider_name)
-            .cloned()
-            .ok_or_else(|| {
-                let mut names: Vec<_> = self.inner.providers.by_name.keys().cloned().collect();
-                names.sort();
-                SessionError::InvalidOption(format!(
-                    "unknown provider {provider_name:?}; configured: {}",
-                    names.join(", ")
-                ))
-            })?;
-        let stream_opts = StreamOptions {
-            engine: engine.clone(),
-            partials: opts.partials.unwrap_or(true),
-            vad_silence_ms: opts.vad_silence_ms,
-            filter_dirty: opts.filter_dirty,
-            filter_modal: opts.filter_modal,
-            filter_punc: opts.filter_punc,
-            convert_num_mode: opts.convert_num_mode,
-            word_info: opts.word_info,
-            hotword_list: opts.hotword_list.clone(),
-        };
+        let (provider_name, provider) = self.inner.providers.get(opts.provider.as_deref())?;
+        let stream_opts = opts.stream_options()?;
         let id = Uuid::new_v4();
         let token = hex::encode(rand::random::<[u8; 24]>());
         let token_sha256 = sha256(&token);
@@ -538,10 +590,7 @@ impl SessionManager {
         let provider_cancel = CancellationToken::new();
         let stream = provider
             .open(&stream_opts, provider_cancel.clone())
-            .map_err(|e| match e {
-                ProviderError::Unsupported(m) => SessionError::InvalidOption(m),
-                ProviderError::Unavailable(m) => SessionError::ProviderUnavailable(m),
-            })?;
+            .map_err(SessionError::from)?;
         let now = now_ms();
         let rec = SessionRecord {
             id: id.to_string(),
@@ -569,11 +618,7 @@ impl SessionManager {
             token_sha256,
             provider: provider_name,
             format,
-            joiner: if engine.contains("zh") || engine.contains("ja") || engine.contains("yue") {
-                ""
-            } else {
-                " "
-            },
+            joiner: sentence_joiner(&engine),
             engine,
             created_at_ms: now,
             epoch: self.inner.epoch,

@@ -245,9 +245,15 @@ impl Worker {
             ProviderEvent::Warning { code, message } => {
                 self.push(warning_event(&code, &message)).await;
             }
-            ProviderEvent::Error { code, message } => {
+            ProviderEvent::Error {
+                code,
+                provider_code,
+                message,
+            } => {
                 self.provider_failed = true;
-                self.push(error_event(&code, &message)).await;
+                let mut ev = error_event(&code, &message);
+                ev.provider_code = provider_code;
+                self.push(ev).await;
             }
             ProviderEvent::Done => {
                 self.outcome = Some(if self.provider_failed {

@@ -1,6 +1,7 @@
 //! Persistence of sessions and their final results, behind [`SessionStore`] so the SQLite
 //! implementation can later sit beside a Redis one. The store knows nothing of providers or HTTP.
 
+mod history_sqlite;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -102,4 +103,86 @@ pub trait SessionStore: Send + Sync {
     async fn unfinished(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError>;
     /// Checks the database is writable (for `/ready`).
     async fn check_writable(&self) -> Result<(), StoreError>;
+}
+
+/// A one-shot recognition as recorded.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RecognitionRecord {
+    /// UUID v4, hyphenated.
+    pub id: String,
+    /// Owner, when auth is on.
+    pub user_id: Option<String>,
+    /// Provider name.
+    pub provider: String,
+    /// Engine model type.
+    pub engine: String,
+    /// Sentences joined.
+    pub text: String,
+    /// Sentences as JSON (`[{sentence, text, start_ms, end_ms, words?}]`).
+    pub sentences_json: String,
+    /// Audio duration, ms.
+    pub duration_ms: u64,
+    /// Unix ms.
+    pub created_at_ms: u64,
+}
+
+/// One history entry: a session or a one-shot recognition.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HistoryItem {
+    /// Session or recognition id.
+    pub id: String,
+    /// `session` | `recognition`.
+    pub kind: String,
+    /// Provider name.
+    pub provider: String,
+    /// Engine model type.
+    pub engine: String,
+    /// Transcript.
+    pub text: String,
+    /// Session status (`finished` for recognitions).
+    pub status: String,
+    /// Audio duration, ms.
+    pub duration_ms: u64,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Unix ms (recognitions end when created).
+    pub ended_at_ms: Option<u64>,
+    /// Final sentences; filled by [`HistoryStore::history_item`] only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentences: Option<Vec<serde_json::Value>>,
+}
+
+/// Outcome of a history deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// Removed.
+    Yes,
+    /// No such entry for this user.
+    NotFound,
+    /// A session still open: cancel it first.
+    StillOpen,
+}
+
+/// Per-user recognition history over sessions and one-shot recognitions.
+#[async_trait::async_trait]
+pub trait HistoryStore: Send + Sync {
+    /// Records a one-shot recognition.
+    async fn insert_recognition(&self, rec: &RecognitionRecord) -> Result<(), StoreError>;
+    /// The user's entries, newest first, strictly before the cursor `(created_at_ms, id)`.
+    async fn history(
+        &self,
+        user: Option<String>,
+        before: Option<(u64, String)>,
+        limit: usize,
+    ) -> Result<Vec<HistoryItem>, StoreError>;
+    /// One entry of the user's with its sentences.
+    async fn history_item(
+        &self,
+        user: Option<String>,
+        id: &str,
+    ) -> Result<Option<HistoryItem>, StoreError>;
+    /// Deletes one entry of the user's (a session with its events).
+    async fn delete_history(&self, user: Option<String>, id: &str) -> Result<Deleted, StoreError>;
+    /// Deletes ended sessions and recognitions older than `before_ms`; returns how many.
+    async fn purge(&self, before_ms: u64) -> Result<usize, StoreError>;
 }

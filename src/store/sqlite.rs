@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// The embedded schema; `PRAGMA user_version` records that it was applied.
 const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// A pool of SQLite connections to one database file.
 #[derive(Clone)]

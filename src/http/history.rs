@@ -1,0 +1,107 @@
+//! History routes (shared/api.md, "History"): the caller's sessions and one-shot
+//! recognitions, newest first. While auth is off every caller is the same anonymous user.
+
+use super::{with_state, AppState};
+use crate::error::ApiError;
+use crate::store::Deleted;
+use serde::Deserialize;
+use serde_json::json;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+/// Largest page.
+pub const MAX_LIMIT: usize = 100;
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    /// Cursor from the previous page's `next_before` (`<created_at_ms>_<id>`), or a plain
+    /// unix-ms time.
+    before: Option<String>,
+}
+
+fn parse_cursor(s: &str) -> Result<(u64, String), ApiError> {
+    let (ms, id) = s.split_once('_').unwrap_or((s, ""));
+    let ms = ms.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("before={s:?}: use next_before from the previous page or a unix-ms time"),
+        )
+    })?;
+    Ok((ms, id.to_string()))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound {
+        code: "history_not_found",
+        message: format!("no history entry {id:?}"),
+    }
+}
+
+pub(super) fn routes(
+    state: AppState,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    // GET /v1/history?limit=&before=
+    let list = warp::path!("v1" / "history")
+        .and(warp::get())
+        .and(warp::query::<ListQuery>())
+        .and(with_state(state.clone()))
+        .then(|q: ListQuery, state: AppState| async move {
+            let r: Result<_, ApiError> = async {
+                let limit = q.limit.unwrap_or(20);
+                if limit == 0 || limit > MAX_LIMIT {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        format!("limit must be 1..={MAX_LIMIT}"),
+                    ));
+                }
+                let before = q.before.as_deref().map(parse_cursor).transpose()?;
+                let items = state
+                    .history
+                    .history(None, before, limit)
+                    .await
+                    .map_err(|e| ApiError::Internal(e.into()))?;
+                let next = (items.len() == limit)
+                    .then(|| {
+                        items
+                            .last()
+                            .map(|i| format!("{}_{}", i.created_at_ms, i.id))
+                    })
+                    .flatten();
+                Ok(json!({ "items": items, "next_before": next }))
+            }
+            .await;
+            match r {
+                Ok(v) => warp::reply::json(&v).into_response(),
+                Err(e) => e.into_response(),
+            }
+        });
+    // GET /v1/history/{id}
+    let get = warp::path!("v1" / "history" / String)
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(|id: String, state: AppState| async move {
+            match state.history.history_item(None, &id).await {
+                Ok(Some(item)) => warp::reply::json(&item).into_response(),
+                Ok(None) => not_found(&id).into_response(),
+                Err(e) => ApiError::Internal(e.into()).into_response(),
+            }
+        });
+    // DELETE /v1/history/{id}
+    let delete = warp::path!("v1" / "history" / String)
+        .and(warp::delete())
+        .and(with_state(state))
+        .then(|id: String, state: AppState| async move {
+            match state.history.delete_history(None, &id).await {
+                Ok(Deleted::Yes) => warp::reply::json(&json!({ "deleted": true })).into_response(),
+                Ok(Deleted::NotFound) => not_found(&id).into_response(),
+                Ok(Deleted::StillOpen) => ApiError::Conflict {
+                    code: "session_open",
+                    message: format!("session {id} is still open; finish or cancel it first"),
+                }
+                .into_response(),
+                Err(e) => ApiError::Internal(e.into()).into_response(),
+            }
+        });
+    list.or(get).unify().or(delete).unify()
+}

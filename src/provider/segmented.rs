@@ -1,0 +1,193 @@
+//! Realtime sessions over request-per-utterance servers (OpenAI-compatible transcription):
+//! a VAD cuts the session's audio into utterances ([`crate::audio::vad::Segmenter`]) and each
+//! utterance is recognised by one request, in order. Partials come from streamed answers
+//! (`stream=true`) where the server gives them.
+//!
+//! Three parts per stream: a forwarder task (async input → VAD thread), the VAD thread
+//! (webrtc-vad's state is not `Send`), and a recogniser task that sends utterances one at a time
+//! so finals stay in order while audio keeps flowing.
+
+use super::{ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition};
+use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
+use std::sync::{mpsc as std_mpsc, Arc};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Recognises one utterance (16 kHz mono s16) with one request.
+#[async_trait::async_trait]
+pub trait UtteranceRecognizer: Send + Sync + 'static {
+    /// Returns the utterance's text. `on_delta` receives the text so far whenever a streamed
+    /// answer grows (never called by servers that do not stream).
+    ///
+    /// # Errors
+    /// [`ProviderError::Upstream`] with the server's code.
+    async fn recognize_utterance(
+        &self,
+        pcm: Vec<i16>,
+        on_delta: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<String, ProviderError>;
+}
+
+enum Cut {
+    Utterance {
+        index: u32,
+        pcm: Vec<i16>,
+        start_ms: u64,
+        end_ms: u64,
+    },
+    Flushed,
+}
+
+/// Opens a stream that segments audio with `silence_ms` of non-speech and sends each
+/// utterance to `rec`.
+///
+/// # Errors
+/// The VAD thread cannot be started.
+pub fn open(
+    rec: Arc<dyn UtteranceRecognizer>,
+    silence_ms: u64,
+    partials: bool,
+    cancel: CancellationToken,
+) -> Result<ProviderStream, ProviderError> {
+    let (in_tx, mut in_rx) = mpsc::channel::<ProviderInput>(64);
+    let (ev_tx, ev_rx) = mpsc::channel::<ProviderEvent>(256);
+    let (vad_tx, vad_rx) = std_mpsc::channel::<Option<ProviderInput>>();
+    let (cut_tx, mut cut_rx) = mpsc::unbounded_channel::<Cut>();
+    let cfg = SegmenterConfig {
+        silence_ms: silence_ms.clamp(200, 5000),
+        min_voiced_ms: 300,
+        partial_interval_ms: 0,
+    };
+    std::thread::Builder::new()
+        .name("vad-segmenter".into())
+        .spawn(move || {
+            let mut seg = Segmenter::new(cfg);
+            while let Ok(Some(msg)) = vad_rx.recv() {
+                let (segs, last) = match msg {
+                    ProviderInput::Audio(pcm) => (seg.push(&pcm), false),
+                    ProviderInput::Finish => (seg.finish(), true),
+                };
+                for s in segs {
+                    if let Segment::Final {
+                        utterance,
+                        pcm,
+                        start_ms,
+                        end_ms,
+                    } = s
+                    {
+                        let cut = Cut::Utterance {
+                            index: utterance,
+                            pcm,
+                            start_ms,
+                            end_ms,
+                        };
+                        if cut_tx.send(cut).is_err() {
+                            return;
+                        }
+                    }
+                }
+                if last {
+                    let _ = cut_tx.send(Cut::Flushed);
+                    return;
+                }
+            }
+        })
+        .map_err(|e| ProviderError::Unavailable(format!("cannot start VAD thread: {e}")))?;
+
+    let fwd_cancel = cancel.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                () = fwd_cancel.cancelled() => break,
+                m = in_rx.recv() => match m {
+                    Some(m) => {
+                        let last = matches!(m, ProviderInput::Finish);
+                        if vad_tx.send(Some(m)).is_err() || last {
+                            return;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        let _ = vad_tx.send(None);
+    });
+
+    tokio::spawn(async move {
+        loop {
+            let cut = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                c = cut_rx.recv() => c,
+            };
+            match cut {
+                Some(Cut::Utterance {
+                    index,
+                    pcm,
+                    start_ms,
+                    end_ms,
+                }) => {
+                    let tx = ev_tx.clone();
+                    let on_delta = move |text: String| {
+                        if partials && !text.is_empty() {
+                            let _ = tx.try_send(ProviderEvent::Partial(Recognition {
+                                sentence: index,
+                                text,
+                                start_ms,
+                                end_ms,
+                                words: None,
+                            }));
+                        }
+                    };
+                    let result = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        r = rec.recognize_utterance(pcm, &on_delta) => r,
+                    };
+                    match result {
+                        Ok(text) => {
+                            let fin = ProviderEvent::Final(Recognition {
+                                sentence: index,
+                                text,
+                                start_ms,
+                                end_ms,
+                                words: None,
+                            });
+                            if ev_tx.send(fin).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let (code, provider_code, message) = match e {
+                                ProviderError::Upstream {
+                                    code,
+                                    provider_code,
+                                    message,
+                                } => (code, provider_code, message),
+                                other => ("provider_error".into(), None, other.to_string()),
+                            };
+                            let _ = ev_tx
+                                .send(ProviderEvent::Error {
+                                    code,
+                                    provider_code,
+                                    message,
+                                })
+                                .await;
+                            let _ = ev_tx.send(ProviderEvent::Done).await;
+                            return;
+                        }
+                    }
+                }
+                Some(Cut::Flushed) => {
+                    let _ = ev_tx.send(ProviderEvent::Done).await;
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(ProviderStream {
+        input: in_tx,
+        events: ev_rx,
+    })
+}

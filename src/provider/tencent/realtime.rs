@@ -1,0 +1,527 @@
+//! One Tencent real-time ASR stream (WebSocket v2; doc 1093/48982, shared/providers.md §1).
+//!
+//! The task signs the handshake URL, waits for the `{"code":0}` verdict, then re-paces the
+//! session's audio: frames of `frame_ms` (40 ms = 1280 bytes at 16 kHz) on a timer, at most
+//! `catchup_speed`× real time while audio is queued (Tencent answers 4000 above 3×). When the
+//! client stalls for `bridge_after_ms`, silence is sent at real time so the upstream never sees
+//! 15 s without audio (4008); the inserted silence is recorded in a [`TimeMap`] and every result
+//! time is mapped back to the client's audio. `slice_type` 0/1 become partials, 2 finals;
+//! `{"type":"end"}` is sent after the last frame and the stream is done at `final: 1`.
+
+use super::sign::realtime_url;
+use super::{realtime_error_code, TencentCredentials, TencentSettings};
+use crate::audio::RateConverter;
+use crate::provider::{
+    ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition, StreamOptions, Word,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// Sample rate a Tencent engine takes: `8k_*` → 8000 Hz, `16k_*` → 16000 Hz.
+///
+/// # Errors
+/// Engine names with neither prefix.
+pub fn engine_rate(engine: &str) -> Result<u32, ProviderError> {
+    if engine.starts_with("16k_") {
+        Ok(16_000)
+    } else if engine.starts_with("8k_") {
+        Ok(8_000)
+    } else {
+        Err(ProviderError::Unsupported(format!(
+            "engine {engine:?}: Tencent engine model types start with 16k_ or 8k_"
+        )))
+    }
+}
+
+/// The query parameters of a handshake (before `signature`), from the session's options.
+pub fn handshake_params(
+    settings: &TencentSettings,
+    creds: &TencentCredentials,
+    opts: &StreamOptions,
+    voice_id: &str,
+    now_s: u64,
+) -> BTreeMap<String, String> {
+    let mut p = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        p.insert(k.to_string(), v);
+    };
+    put("secretid", creds.secret_id.clone());
+    put("timestamp", now_s.to_string());
+    put("expired", (now_s + 86_400).to_string());
+    put(
+        "nonce",
+        rand::random_range(1..=9_999_999_999u64).to_string(),
+    );
+    put("engine_model_type", opts.engine.clone());
+    put("voice_id", voice_id.to_string());
+    put("voice_format", "1".into());
+    put("needvad", settings.needvad.to_string());
+    if settings.needvad == 1 {
+        if let Some(ms) = opts.vad_silence_ms {
+            put("vad_silence_time", ms.clamp(500, 2000).to_string());
+        }
+    }
+    let opt = |v: Option<u8>| v.map(|x| x.to_string());
+    for (k, v) in [
+        ("filter_dirty", opt(opts.filter_dirty)),
+        ("filter_modal", opt(opts.filter_modal)),
+        ("filter_punc", opt(opts.filter_punc)),
+        ("convert_num_mode", opt(opts.convert_num_mode)),
+        ("word_info", opt(opts.word_info)),
+        ("hotword_list", opts.hotword_list.clone()),
+    ] {
+        if let Some(v) = v {
+            put(k, v);
+        }
+    }
+    p
+}
+
+/// Silence inserted upstream, so upstream times can be mapped back to client audio time.
+#[derive(Debug, Default, Clone)]
+pub struct TimeMap {
+    /// `(upstream start ms, length ms)`, ascending, merged when contiguous.
+    inserted: Vec<(u64, u64)>,
+}
+
+impl TimeMap {
+    /// Records `len_ms` of silence sent at upstream time `at_ms`.
+    pub fn insert(&mut self, at_ms: u64, len_ms: u64) {
+        if let Some(last) = self.inserted.last_mut() {
+            if last.0 + last.1 == at_ms {
+                last.1 += len_ms;
+                return;
+            }
+        }
+        self.inserted.push((at_ms, len_ms));
+    }
+
+    /// The client audio time of upstream time `t_ms` (a time inside inserted silence maps to
+    /// the client time where the silence was inserted).
+    pub fn to_client(&self, t_ms: u64) -> u64 {
+        let mut shift = 0;
+        for &(at, len) in &self.inserted {
+            if t_ms >= at + len {
+                shift += len;
+            } else if t_ms > at {
+                shift += t_ms - at;
+            }
+        }
+        t_ms - shift
+    }
+
+    /// Total silence inserted, ms.
+    pub fn inserted_ms(&self) -> u64 {
+        self.inserted.iter().map(|&(_, l)| l).sum()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ServerMsg {
+    code: i64,
+    #[serde(default)]
+    message: String,
+    result: Option<ResultMsg>,
+    #[serde(rename = "final", default)]
+    final_flag: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultMsg {
+    slice_type: i64,
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    start_time: u64,
+    #[serde(default)]
+    end_time: u64,
+    #[serde(default)]
+    voice_text_str: String,
+    #[serde(default)]
+    word_list: Option<Vec<WordMsg>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WordMsg {
+    word: String,
+    #[serde(default)]
+    start_time: u64,
+    #[serde(default)]
+    end_time: u64,
+}
+
+pub(super) fn open(
+    settings: Arc<TencentSettings>,
+    creds: TencentCredentials,
+    opts: StreamOptions,
+    cancel: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) -> Result<ProviderStream, ProviderError> {
+    let rate = engine_rate(&opts.engine)?;
+    let conv = RateConverter::new(crate::audio::TARGET_RATE, rate)
+        .map_err(|e| ProviderError::Unsupported(e.0))?;
+    let (in_tx, in_rx) = mpsc::channel(64);
+    let (ev_tx, ev_rx) = mpsc::channel(256);
+    let stream = Upstream {
+        frame: (u64::from(rate) * settings.frame_ms / 1000) as usize,
+        settings,
+        creds,
+        opts,
+        rate,
+        conv,
+        events: ev_tx,
+        buffer: VecDeque::new(),
+        finishing: false,
+        end_sent: false,
+        end_deadline: None,
+        sent_samples: 0,
+        times: TimeMap::default(),
+        starved_since: None,
+        credit: 0.0,
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        stream.run(in_rx, cancel).await;
+    });
+    Ok(ProviderStream {
+        input: in_tx,
+        events: ev_rx,
+    })
+}
+
+struct Upstream {
+    settings: Arc<TencentSettings>,
+    creds: TencentCredentials,
+    opts: StreamOptions,
+    rate: u32,
+    /// Samples per frame at `rate`.
+    frame: usize,
+    conv: RateConverter,
+    events: mpsc::Sender<ProviderEvent>,
+    /// Client audio at `rate`, not yet sent.
+    buffer: VecDeque<i16>,
+    finishing: bool,
+    end_sent: bool,
+    end_deadline: Option<Instant>,
+    /// Samples sent upstream, silence included.
+    sent_samples: u64,
+    times: TimeMap,
+    starved_since: Option<Instant>,
+    credit: f64,
+}
+
+type Sink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+
+impl Upstream {
+    async fn emit(&self, ev: ProviderEvent) {
+        let _ = self.events.send(ev).await;
+    }
+
+    async fn fail(&self, code: &str, provider_code: Option<String>, message: String) {
+        tracing::warn!(code, ?provider_code, %message, "Tencent stream failed");
+        self.emit(ProviderEvent::Error {
+            code: code.into(),
+            provider_code,
+            message,
+        })
+        .await;
+        self.emit(ProviderEvent::Done).await;
+    }
+
+    fn url(&self, voice_id: &str) -> Result<String, String> {
+        let (scheme, rest) = self
+            .settings
+            .realtime_url
+            .split_once("://")
+            .ok_or_else(|| {
+                format!(
+                    "realtime_url {:?} has no scheme",
+                    self.settings.realtime_url
+                )
+            })?;
+        let host_path = format!("{}/{}", rest.trim_end_matches('/'), self.creds.app_id);
+        let now_s = crate::session::now_ms() / 1000;
+        let params = handshake_params(&self.settings, &self.creds, &self.opts, voice_id, now_s);
+        Ok(realtime_url(
+            scheme,
+            &host_path,
+            &params,
+            self.creds.secret_key.expose(),
+        ))
+    }
+
+    async fn run(mut self, mut input: mpsc::Receiver<ProviderInput>, cancel: CancellationToken) {
+        let voice_id = uuid::Uuid::new_v4().to_string();
+        let url = match self.url(&voice_id) {
+            Ok(u) => u,
+            Err(e) => return self.fail("provider_error", None, e).await,
+        };
+        let mut req = match url.into_client_request() {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .fail("provider_error", None, format!("bad URL: {e}"))
+                    .await
+            }
+        };
+        if let Some(token) = &self.creds.token {
+            if let Ok(v) = token.expose().parse() {
+                req.headers_mut().insert("X-TC-Token", v);
+            }
+        }
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let ws = match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req)).await {
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(e)) => {
+                return self
+                    .fail(
+                        "provider_unavailable",
+                        None,
+                        format!("cannot connect to Tencent: {e}"),
+                    )
+                    .await
+            }
+            Err(_) => {
+                return self
+                    .fail(
+                        "provider_unavailable",
+                        None,
+                        "Tencent handshake timed out".into(),
+                    )
+                    .await
+            }
+        };
+        let (mut sink, mut stream) = ws.split();
+        // The upgrade succeeds even when auth fails; the first text frame is the verdict.
+        match tokio::time::timeout(timeout, stream.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ServerMsg>(&t) {
+                Ok(m) if m.code == 0 => {}
+                Ok(m) => {
+                    return self
+                        .fail(
+                            realtime_error_code(m.code),
+                            Some(m.code.to_string()),
+                            m.message,
+                        )
+                        .await
+                }
+                Err(e) => {
+                    return self
+                        .fail("provider_error", None, format!("bad handshake reply: {e}"))
+                        .await
+                }
+            },
+            _ => {
+                return self
+                    .fail(
+                        "provider_unavailable",
+                        None,
+                        "Tencent sent no handshake verdict".into(),
+                    )
+                    .await
+            }
+        }
+        tracing::debug!(%voice_id, engine = %self.opts.engine, "Tencent stream open");
+        let mut tick = tokio::time::interval(Duration::from_millis(self.settings.frame_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.end_deadline.is_some_and(|d| Instant::now() >= d) {
+                let _ = sink.close().await;
+                return self
+                    .fail(
+                        "provider_timeout",
+                        None,
+                        "Tencent did not send its final result in time".into(),
+                    )
+                    .await;
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    let _ = sink.close().await;
+                    return;
+                }
+                m = input.recv(), if !self.finishing => match m {
+                    Some(ProviderInput::Audio(pcm)) => {
+                        let out = self.conv.process(&pcm);
+                        self.buffer.extend(out);
+                    }
+                    Some(ProviderInput::Finish) => {
+                        let out = self.conv.flush();
+                        self.buffer.extend(out);
+                        self.finishing = true;
+                    }
+                    None => {
+                        // Dropped without Finish: a cancel.
+                        let _ = sink.close().await;
+                        return;
+                    }
+                },
+                _ = tick.tick() => {
+                    if let Err(e) = self.pace(&mut sink).await {
+                        return self.fail("provider_unavailable", None, format!("sending to Tencent failed: {e}")).await;
+                    }
+                }
+                msg = stream.next() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        if self.on_text(&t).await {
+                            let _ = sink.close().await;
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        return self.fail("provider_closed", None, "Tencent closed the stream before its final result".into()).await;
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    /// Sends what the pace allows this tick: queued frames up to `catchup_speed`× real time,
+    /// silence when the client has stalled, `{"type":"end"}` once everything is out.
+    async fn pace(&mut self, sink: &mut Sink) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let speed = self.settings.catchup_speed;
+        self.credit = (self.credit + speed).min(speed);
+        let mut sent_any = false;
+        while self.credit >= 1.0 {
+            let n = if self.buffer.len() >= self.frame {
+                self.frame
+            } else if self.finishing && !self.buffer.is_empty() {
+                self.buffer.len()
+            } else {
+                break;
+            };
+            let bytes: Vec<u8> = self.buffer.drain(..n).flat_map(i16::to_le_bytes).collect();
+            sink.send(Message::binary(bytes)).await?;
+            self.sent_samples += n as u64;
+            self.credit -= 1.0;
+            sent_any = true;
+        }
+        if sent_any {
+            self.starved_since = None;
+            return Ok(());
+        }
+        if self.finishing {
+            if !self.end_sent && self.buffer.is_empty() {
+                sink.send(Message::text(r#"{"type":"end"}"#)).await?;
+                self.end_sent = true;
+                self.end_deadline =
+                    Some(Instant::now() + Duration::from_millis(self.settings.timeout_ms));
+            }
+            return Ok(());
+        }
+        let since = *self.starved_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_millis(self.settings.bridge_after_ms) {
+            let at_ms = self.upstream_ms();
+            sink.send(Message::binary(vec![0u8; self.frame * 2]))
+                .await?;
+            self.sent_samples += self.frame as u64;
+            self.times.insert(at_ms, self.settings.frame_ms);
+        }
+        Ok(())
+    }
+
+    fn upstream_ms(&self) -> u64 {
+        self.sent_samples * 1000 / u64::from(self.rate)
+    }
+
+    /// Handles one result frame; true when the stream is over.
+    async fn on_text(&mut self, text: &str) -> bool {
+        let msg: ServerMsg = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(
+                    "provider_error",
+                    None,
+                    format!("unparseable Tencent message: {e}"),
+                )
+                .await;
+                return true;
+            }
+        };
+        if msg.code != 0 {
+            self.fail(
+                realtime_error_code(msg.code),
+                Some(msg.code.to_string()),
+                msg.message,
+            )
+            .await;
+            return true;
+        }
+        if let Some(r) = msg.result {
+            let t = &self.times;
+            let rec = Recognition {
+                sentence: r.index,
+                text: r.voice_text_str,
+                start_ms: t.to_client(r.start_time),
+                end_ms: t.to_client(r.end_time),
+                words: r.word_list.filter(|w| !w.is_empty()).map(|ws| {
+                    ws.into_iter()
+                        .map(|w| Word {
+                            word: w.word,
+                            start_ms: t.to_client(w.start_time),
+                            end_ms: t.to_client(w.end_time),
+                        })
+                        .collect()
+                }),
+            };
+            match r.slice_type {
+                2 => self.emit(ProviderEvent::Final(rec)).await,
+                _ if self.opts.partials && !rec.text.is_empty() => {
+                    self.emit(ProviderEvent::Partial(rec)).await;
+                }
+                _ => {}
+            }
+        }
+        if msg.final_flag == 1 {
+            if self.times.inserted_ms() > 0 {
+                tracing::debug!(
+                    inserted_ms = self.times.inserted_ms(),
+                    "silence bridged client stalls"
+                );
+            }
+            self.emit(ProviderEvent::Done).await;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_map_removes_inserted_silence() {
+        let mut m = TimeMap::default();
+        m.insert(1000, 40);
+        m.insert(1040, 40);
+        m.insert(3000, 500);
+        assert_eq!(m.inserted_ms(), 580);
+        assert_eq!(m.to_client(500), 500);
+        assert_eq!(m.to_client(1000), 1000);
+        assert_eq!(m.to_client(1050), 1000);
+        assert_eq!(m.to_client(1080), 1000);
+        assert_eq!(m.to_client(2080), 2000);
+        assert_eq!(m.to_client(3200), 2920);
+        assert_eq!(m.to_client(4000), 3420);
+    }
+
+    #[test]
+    fn engine_rates() {
+        assert_eq!(engine_rate("16k_zh").ok(), Some(16_000));
+        assert_eq!(engine_rate("8k_zh").ok(), Some(8_000));
+        assert!(engine_rate("zh").is_err());
+    }
+}
