@@ -97,6 +97,7 @@ pub struct TestApp {
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     dir: Arc<tempfile::TempDir>,
+    providers: Vec<Arc<dyn Provider>>,
 }
 
 /// Starts a server with test defaults.
@@ -106,23 +107,33 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts a server after `tweak` adjusts the config.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    start(dir, tweak).await
+    spawn_app_with_providers(Vec::new(), tweak).await
 }
 
-async fn start(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> TestApp {
+/// Starts a server with extra providers (e.g. ones pointed at fake upstreams) beside `echo`.
+pub async fn spawn_app_with_providers(
+    providers: Vec<Arc<dyn Provider>>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    start(dir, providers, tweak).await
+}
+
+async fn start(
+    dir: Arc<tempfile::TempDir>,
+    mut providers: Vec<Arc<dyn Provider>>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
+    let extra = providers.clone();
+    providers.push(Arc::new(EchoProvider));
     let db = dir.path().join("voxpoll.db");
     let mut config = Config::loopback(db.clone());
     tweak(&mut config);
     let shutdown = CancellationToken::new();
-    let state = voxpoll::app::build_with_providers(
-        config,
-        Some(engine()),
-        vec![Arc::new(EchoProvider)],
-        shutdown.clone(),
-    )
-    .await
-    .expect("build app");
+    let state =
+        voxpoll::app::build_with_providers(config, Some(engine()), providers, shutdown.clone())
+            .await
+            .expect("build app");
     let listener = voxpoll::app::bind(([127, 0, 0, 1], 0).into()).expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let handle = tokio::spawn(voxpoll::app::run(listener, state, shutdown.clone()));
@@ -132,6 +143,7 @@ async fn start(dir: Arc<tempfile::TempDir>, tweak: impl FnOnce(&mut Config)) -> 
         shutdown,
         handle: Some(handle),
         dir,
+        providers: extra,
     }
 }
 
@@ -158,7 +170,7 @@ impl TestApp {
     /// Shuts down and starts a new server on the same database file.
     pub async fn restart(mut self) -> TestApp {
         self.shutdown().await;
-        start(Arc::clone(&self.dir), |_| {}).await
+        start(Arc::clone(&self.dir), self.providers.clone(), |_| {}).await
     }
 
     pub async fn create(&self, body: Value) -> TestSession {

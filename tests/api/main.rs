@@ -1,7 +1,11 @@
 //! One integration-test binary (faster to link, one shared model): the real server on port 0
 //! with a real SQLite file, driven over HTTP.
 
+mod fakes;
 mod helpers;
+mod history;
 mod lifecycle;
+mod oneshot;
 mod protocol;
+mod providers;
 mod speech;
