@@ -795,3 +795,53 @@ async fn conformance_every_provider_gives_the_same_event_stream_shape() {
         );
     }
 }
+
+#[tokio::test]
+async fn providers_file_configures_named_providers_and_the_default() {
+    let fake = FakeFunAsr::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("providers.json");
+    std::fs::write(
+        &file,
+        json!([{"name": "local-funasr", "kind": "funasr", "url": fake.url, "max_concurrency": 2}])
+            .to_string(),
+    )
+    .unwrap();
+    let app = spawn_app_with(|c| {
+        c.providers = Some(file.clone());
+        c.default_provider = "local-funasr".into();
+    })
+    .await;
+    let ready: Value = app
+        .http
+        .get(format!("{}/ready", app.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["default_provider"], "local-funasr", "{ready}");
+    assert_eq!(ready["providers"]["local-funasr"]["ready"], true);
+    assert_eq!(
+        ready["providers"]["local-funasr"]["stats"]["max_concurrency"],
+        2
+    );
+    let s = app.create(json!({})).await;
+    let events = app.stream_pcm(&s, &two_sentences(), 200, false).await;
+    assert_eq!(end_reason(&events), "finished");
+    let (_, info) = app.get(&s).await;
+    assert_eq!(info["provider"], "local-funasr");
+    assert_eq!(fake.conns().len(), 1);
+    // A default that names nothing configured is a start-up error.
+    let mut cfg = voxpoll::config::Config::loopback(dir.path().join("x.db"));
+    cfg.default_provider = "missing".into();
+    let err = voxpoll::app::build_with_providers(
+        cfg,
+        Some(engine()),
+        Vec::new(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert!(err.is_err());
+}
