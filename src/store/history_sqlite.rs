@@ -1,7 +1,7 @@
 //! [`HistoryStore`] on SQLite: one query over `sessions` and `recognitions`, keyed by owner.
 //! `user_id IS ?` matches NULL owners too (auth off: one shared history).
 
-use super::sqlite::Db;
+use super::sqlite::{to_i64, Db};
 use super::{Deleted, HistoryItem, HistoryStore, RecognitionRecord, StoreError};
 use rusqlite::{params, OptionalExtension};
 
@@ -11,10 +11,6 @@ const ENTRIES: &str =
      audio_ms AS duration_ms, created_at_ms, ended_at_ms, user_id FROM sessions \
      UNION ALL SELECT id, 'recognition', provider, engine, text, 'finished', duration_ms, \
      created_at_ms, created_at_ms, user_id FROM recognitions";
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
 
 fn row_to_item(r: &rusqlite::Row<'_>) -> Result<HistoryItem, rusqlite::Error> {
     Ok(HistoryItem {

@@ -72,7 +72,8 @@ fn migrate(c: &mut Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-fn to_i64(v: u64) -> i64 {
+/// A u64 (ms, seq) as SQLite INTEGER, saturating.
+pub(super) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
