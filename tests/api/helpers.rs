@@ -292,6 +292,18 @@ impl TestApp {
         })
     }
 
+    /// GET `path` (e.g. `/ready`); returns (status, JSON body or null).
+    pub async fn get_path(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("get");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get(&self, s: &TestSession) -> (StatusCode, Value) {
         let r = self
             .http

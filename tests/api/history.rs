@@ -7,14 +7,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn list(app: &TestApp, query: &str) -> (StatusCode, Value) {
-    let r = app
-        .http
-        .get(format!("{}/v1/history{query}", app.url))
-        .send()
-        .await
-        .unwrap();
-    let s = r.status();
-    (s, r.json().await.unwrap_or(Value::Null))
+    app.get_path(&format!("/v1/history{query}")).await
 }
 
 async fn one_shot(app: &TestApp) -> String {
@@ -79,15 +72,7 @@ async fn sessions_and_recognitions_are_listed_paged_read_and_deleted() {
     }
 
     // One entry with its sentences.
-    let item: Value = app
-        .http
-        .get(format!("{}/v1/history/{}", app.url, s.id))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let item: Value = app.get_path(&format!("/v1/history/{}", s.id)).await.1;
     let sentences = item["sentences"].as_array().unwrap();
     assert_eq!(sentences.len(), 2);
     assert_eq!(sentences[1]["start_ms"], 100);
@@ -100,14 +85,8 @@ async fn sessions_and_recognitions_are_listed_paged_read_and_deleted() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = app
-        .http
-        .get(format!("{}/v1/history/{}", app.url, s.id))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = app.get_path(&format!("/v1/history/{}", s.id)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["code"], "history_not_found");
     let r = app
         .http
@@ -155,19 +134,9 @@ async fn entries_past_retention_are_purged() {
     })
     .await;
     let rec = one_shot(&app).await;
-    let r = app
-        .http
-        .get(format!("{}/v1/history/{rec}", app.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "kept within retention");
+    let (status, _) = app.get_path(&format!("/v1/history/{rec}")).await;
+    assert_eq!(status, StatusCode::OK, "kept within retention");
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let r = app
-        .http
-        .get(format!("{}/v1/history/{rec}", app.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND, "purged after retention");
+    let (status, _) = app.get_path(&format!("/v1/history/{rec}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "purged after retention");
 }

@@ -60,15 +60,7 @@ async fn raw_wav_is_recognised_and_recorded() {
         .all(|s| s["end_ms"].as_u64() <= Some(dur + 100)));
     // Recorded in history.
     let id = body["id"].as_str().unwrap();
-    let h: Value = app
-        .http
-        .get(format!("{}/v1/history/{id}", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = app.get_path(&format!("/v1/history/{id}")).await.1;
     assert_eq!(h["kind"], "recognition");
     assert_eq!(h["text"], body["text"]);
 }

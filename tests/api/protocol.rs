@@ -475,24 +475,10 @@ async fn sessions_end_at_the_maximum_audio_duration() {
 #[tokio::test]
 async fn health_and_ready() {
     let app = spawn_app().await;
-    let r: Value = app
-        .http
-        .get(format!("{}/health", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = app.get_path("/health").await.1;
     assert_eq!(r, json!({"status": "ok"}));
-    let r = app
-        .http
-        .get(format!("{}/ready", app.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let b: Value = r.json().await.unwrap();
+    let (status, b) = app.get_path("/ready").await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(b["providers"]["embedded"]["ready"], true);
     assert_eq!(b["database"]["writable"], true);
 }

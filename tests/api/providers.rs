@@ -406,15 +406,7 @@ async fn tencent_without_credentials_is_not_ready() {
     let rt = FakeTencent::start(Behavior::default()).await;
     let app =
         spawn_app_with_providers(vec![tencent(&rt, None, |s| s.credentials = None)], |_| {}).await;
-    let ready: Value = app
-        .http
-        .get(format!("{}/ready", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.get_path("/ready").await.1;
     assert_eq!(ready["providers"]["tencent"]["ready"], false, "{ready}");
     assert_eq!(
         ready["status"], "ready",
@@ -812,15 +804,7 @@ async fn providers_file_configures_named_providers_and_the_default() {
         c.default_provider = "local-funasr".into();
     })
     .await;
-    let ready: Value = app
-        .http
-        .get(format!("{}/ready", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = app.get_path("/ready").await.1;
     assert_eq!(ready["default_provider"], "local-funasr", "{ready}");
     assert_eq!(ready["providers"]["local-funasr"]["ready"], true);
     assert_eq!(
