@@ -121,6 +121,20 @@ pub struct Config {
     /// How often the purge task deletes history past retention, in ms.
     #[arg(long, env = "VOXPOLL_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
+
+    /// WebSocket transport: interval of server pings, in ms. Keeps proxies with a read timeout
+    /// (nginx `proxy_read_timeout` 60 s, 15 s on some gateways) from cutting a quiet socket.
+    #[arg(long, env = "VOXPOLL_WS_PING_MS", default_value_t = 10_000)]
+    pub ws_ping_ms: u64,
+
+    /// Longest hold `GET /v1/probe/hold` grants `voxpoll doctor`, in ms (0 disables the
+    /// `/v1/probe/*` routes).
+    #[arg(long, env = "VOXPOLL_PROBE_MAX_HOLD_MS", default_value_t = 70_000)]
+    pub probe_max_hold_ms: u64,
+
+    /// Largest body `POST /v1/probe/echo` reads, in bytes (doctor's body-size probe).
+    #[arg(long, env = "VOXPOLL_PROBE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub probe_max_body_bytes: u64,
 }
 
 fn default_workers() -> usize {
@@ -172,6 +186,9 @@ impl Config {
             max_recognize_audio_ms: 600_000,
             history_retention_ms: 30 * 24 * 3_600_000,
             purge_interval_ms: 3_600_000,
+            ws_ping_ms: 10_000,
+            probe_max_hold_ms: 70_000,
+            probe_max_body_bytes: 4 * 1024 * 1024,
         }
     }
 
@@ -198,6 +215,7 @@ impl Config {
             self.poll_max_hold_ms
         );
         anyhow::ensure!(self.max_chunk_bytes > 0, "--max-chunk-bytes must be > 0");
+        anyhow::ensure!(self.ws_ping_ms > 0, "--ws-ping-ms must be > 0");
         anyhow::ensure!(
             self.max_buffered_bytes >= self.max_chunk_bytes,
             "--max-buffered-bytes must be at least --max-chunk-bytes"

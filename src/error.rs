@@ -105,6 +105,10 @@ pub enum ApiError {
         /// Human text.
         message: String,
     },
+    /// 426 `upgrade_required`: a WebSocket route reached without the upgrade headers (often a
+    /// proxy that speaks HTTP/1.0 upstream or strips `Upgrade`).
+    #[error("{0}")]
+    UpgradeRequired(String),
     /// 500: logged once here with its cause chain; the client sees an opaque message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -136,6 +140,7 @@ impl ApiError {
             Self::UnsupportedAudio(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -157,6 +162,7 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::SessionClosed { .. } => "session_closed",
             Self::UnsupportedAudio(_) => "unsupported_audio",
+            Self::UpgradeRequired(_) => "upgrade_required",
             Self::Internal(_) => "internal",
         }
     }

@@ -4,8 +4,10 @@
 
 mod history;
 mod ops;
+mod probe;
 mod recognize;
 mod sessions;
+mod ws;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -31,6 +33,10 @@ pub fn routes(
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
     ops::routes(state.clone())
         .or(sessions::routes(state.clone()))
+        .unify()
+        .or(ws::routes(state.clone()))
+        .unify()
+        .or(probe::routes(state.clone()))
         .unify()
         .or(recognize::routes(state.clone()))
         .unify()

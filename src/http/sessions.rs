@@ -163,15 +163,7 @@ async fn upload_chunk(
                     "audio chunks are raw bytes (application/octet-stream), not multipart; use POST /v1/recognize for file uploads".into(),
                 ));
             }
-            if body.len() > state.config.max_chunk_bytes {
-                return Err(ApiError::TooLarge {
-                    code: "chunk_too_large",
-                    message: format!("chunk of {} bytes exceeds max_chunk_bytes ({})", body.len(), state.config.max_chunk_bytes),
-                });
-            }
-            if body.is_empty() && !last {
-                return Err(ApiError::bad_request("empty_chunk", "empty chunk: only the last chunk (last=1) may be empty"));
-            }
+            check_chunk(state.config.max_chunk_bytes, body.len(), last)?;
             let token = header_token.or(q.session_token);
             let ack = state.sessions.upload(&id, token.as_deref(), q.seq, last, body)?;
             let mut reply = serde_json::to_value(&ack).map_err(anyhow::Error::from)?;
@@ -185,6 +177,27 @@ async fn upload_chunk(
         }
         .await,
     )
+}
+
+/// The checks every chunk passes before the session sees it, whatever the transport.
+///
+/// # Errors
+/// 413 `chunk_too_large` over `max_chunk_bytes`; 400 `empty_chunk` for an empty chunk that is
+/// not the last.
+pub(super) fn check_chunk(max_chunk_bytes: usize, len: usize, last: bool) -> Result<(), ApiError> {
+    if len > max_chunk_bytes {
+        return Err(ApiError::TooLarge {
+            code: "chunk_too_large",
+            message: format!("chunk of {len} bytes exceeds max_chunk_bytes ({max_chunk_bytes})"),
+        });
+    }
+    if len == 0 && !last {
+        return Err(ApiError::bad_request(
+            "empty_chunk",
+            "empty chunk: only the last chunk (last=1) may be empty",
+        ));
+    }
+    Ok(())
 }
 
 async fn poll_events(

@@ -911,6 +911,11 @@ impl SessionManager {
         })
     }
 
+    /// True once shutdown has begun (long-polls then return at once).
+    pub fn shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
     /// Begins shutdown: every session finishes what it can and records its end; waits up to
     /// the configured grace period (plus a margin) for the workers.
     pub async fn shutdown(&self) {

@@ -9,3 +9,4 @@ mod oneshot;
 mod protocol;
 mod providers;
 mod speech;
+mod transport;

@@ -1,0 +1,130 @@
+//! Diagnosis routes for `voxpoll doctor` (`/v1/probe/*`). They let the doctor measure, from the
+//! client's side of every proxy, what the path does to held requests, streamed responses and
+//! large bodies. They hold no session state; holds are bounded by `probe_max_hold_ms` and by
+//! [`MAX_PROBE_HOLDS`] concurrent requests. `probe_max_hold_ms = 0` disables them (404).
+//!
+//! - `GET /v1/probe/hold?ms=N` answers `{"held_ms"}` after `min(N, probe_max_hold_ms)` ms;
+//! - `GET /v1/probe/stream?events=N&interval_ms=I` sends N server-sent events I ms apart
+//!   (a buffering proxy delivers them all at the end);
+//! - `POST /v1/probe/echo` reads a body of up to `probe_max_body_bytes` and answers
+//!   `{"bytes", "connection", "via", "forwarded_for"}` (the headers the proxy sent upstream).
+
+use super::{respond, with_state, AppState};
+use crate::error::ApiError;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use warp::http::HeaderMap;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+/// Concurrent `hold`/`stream` probes; more get 429 `backpressure`.
+pub const MAX_PROBE_HOLDS: usize = 8;
+
+#[derive(Debug, Deserialize)]
+struct HoldQuery {
+    ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    events: Option<u32>,
+    interval_ms: Option<u64>,
+}
+
+/// The `/v1/probe/*` routes.
+pub(super) fn routes(
+    state: AppState,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let holds = Arc::new(Semaphore::new(MAX_PROBE_HOLDS));
+    let enabled = state.config.probe_max_hold_ms > 0;
+    let max_body = state.config.probe_max_body_bytes;
+    let on = warp::any()
+        .and_then(move || async move {
+            if enabled {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one();
+    let with_holds = warp::any().map(move || holds.clone());
+
+    let hold = warp::path!("v1" / "probe" / "hold")
+        .and(warp::get())
+        .and(on)
+        .and(warp::query::<HoldQuery>())
+        .and(with_holds.clone())
+        .and(with_state(state.clone()))
+        .then(hold);
+    let stream = warp::path!("v1" / "probe" / "stream")
+        .and(warp::get())
+        .and(on)
+        .and(warp::query::<StreamQuery>())
+        .and(with_holds)
+        .then(stream);
+    let echo = warp::path!("v1" / "probe" / "echo")
+        .and(warp::post())
+        .and(on)
+        .and(warp::body::content_length_limit(max_body))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::bytes())
+        .map(echo);
+    hold.or(stream).unify().or(echo).unify()
+}
+
+fn busy() -> ApiError {
+    ApiError::TooBusy {
+        code: "backpressure",
+        message: format!("{MAX_PROBE_HOLDS} probes are already holding; retry later"),
+        retry_after_s: 5,
+    }
+}
+
+async fn hold(q: HoldQuery, holds: Arc<Semaphore>, state: AppState) -> Response {
+    let Ok(_permit) = holds.try_acquire() else {
+        return respond::<Response>(Err(busy()));
+    };
+    let ms = q.ms.min(state.config.probe_max_hold_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    warp::reply::json(&json!({ "held_ms": ms })).into_response()
+}
+
+async fn stream(q: StreamQuery, holds: Arc<Semaphore>) -> Response {
+    let Ok(permit) = holds.try_acquire_owned() else {
+        return respond::<Response>(Err(busy()));
+    };
+    let n = q.events.unwrap_or(5).clamp(1, 20);
+    let interval = Duration::from_millis(q.interval_ms.unwrap_or(400).min(2000));
+    let events = futures_util::stream::unfold((0u32, permit), move |(i, permit)| async move {
+        if i >= n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        let ev = warp::sse::Event::default().data(format!("{{\"i\":{i}}}"));
+        Some((Ok::<_, Infallible>(ev), (i + 1, permit)))
+    });
+    warp::sse::reply(events).into_response()
+}
+
+fn echo(headers: HeaderMap, body: Bytes) -> Response {
+    let h = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    warp::reply::json(&json!({
+        "bytes": body.len(),
+        "connection": h("connection"),
+        "via": h("via"),
+        "forwarded_for": h("x-forwarded-for"),
+    }))
+    .into_response()
+}
