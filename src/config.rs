@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_MAX_CHUNK_BYTES", default_value_t = 96 * 1024)]
     pub max_chunk_bytes: usize,
 
+    /// Chunk size advertised to clients, in bytes: 8192 is 256 ms of 16 kHz mono s16, small
+    /// enough for partials to move, large enough to keep the request rate low.
+    #[arg(long, env = "VOXPOLL_CHUNK_BYTES", default_value_t = 8192)]
+    pub chunk_bytes: usize,
+
     /// Chunk uploads a client should keep in flight at once (advertised; wx allows 10 requests).
     #[arg(long, env = "VOXPOLL_MAX_INFLIGHT", default_value_t = 2)]
     pub max_inflight: u32,
@@ -167,6 +172,7 @@ impl Config {
             poll_hold_ms: 25_000,
             poll_max_hold_ms: 50_000,
             max_chunk_bytes: 96 * 1024,
+            chunk_bytes: 8192,
             max_inflight: 2,
             reorder_window: 16,
             max_buffered_bytes: 2 * 1024 * 1024,
@@ -215,6 +221,7 @@ impl Config {
             self.poll_max_hold_ms
         );
         anyhow::ensure!(self.max_chunk_bytes > 0, "--max-chunk-bytes must be > 0");
+        anyhow::ensure!(self.chunk_bytes > 0, "--chunk-bytes must be > 0");
         anyhow::ensure!(self.ws_ping_ms > 0, "--ws-ping-ms must be > 0");
         anyhow::ensure!(
             self.max_buffered_bytes >= self.max_chunk_bytes,

@@ -219,6 +219,9 @@ pub struct PollLimits {
 pub struct UploadLimits {
     /// Largest chunk body, bytes.
     pub max_chunk_bytes: usize,
+    /// Chunk size clients should record and send, bytes (RecorderManager `frameSize` is this
+    /// in KB).
+    pub chunk_bytes: usize,
     /// Chunks to keep in flight.
     pub max_inflight: u32,
     /// Reorder window, chunks.
@@ -664,6 +667,7 @@ impl SessionManager {
             },
             upload: UploadLimits {
                 max_chunk_bytes: cfg.max_chunk_bytes,
+                chunk_bytes: cfg.chunk_bytes.min(cfg.max_chunk_bytes),
                 max_inflight: cfg.max_inflight,
                 window: cfg.reorder_window,
             },
