@@ -18,6 +18,7 @@ pub mod app;
 pub mod audio;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod http;
 pub mod oneshot;

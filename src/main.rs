@@ -21,6 +21,9 @@ enum Command {
     Serve(voxpoll::config::Config),
     /// Stream an audio file through a server the way a mini-program does and print the transcript.
     Transcribe(voxpoll::client::TranscribeArgs),
+    /// Probe a deployment (reachability, TLS, WebSocket upgrade, held-request cut, buffering,
+    /// body cap) and print the settings to use.
+    Doctor(voxpoll::doctor::DoctorArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -47,6 +50,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Transcribe(args) => {
             init_tracing("voxpoll=warn,warp=warn");
             voxpoll::client::transcribe(args).await
+        }
+        Command::Doctor(args) => {
+            init_tracing("voxpoll=warn,warp=warn");
+            voxpoll::doctor::run(args).await
         }
     }
 }

@@ -6,24 +6,28 @@
 //! - `GET /v1/probe/hold?ms=N` answers `{"held_ms"}` after `min(N, probe_max_hold_ms)` ms;
 //! - `GET /v1/probe/stream?events=N&interval_ms=I` sends N server-sent events I ms apart
 //!   (a buffering proxy delivers them all at the end);
+//! - `GET /v1/probe/ws` upgrades, sends `{"type":"ready"}`, echoes text frames and pings every
+//!   `ws_ping_ms`; closes after `probe_max_hold_ms` (426 `upgrade_required` without upgrade);
 //! - `POST /v1/probe/echo` reads a body of up to `probe_max_body_bytes` and answers
 //!   `{"bytes", "connection", "via", "forwarded_for"}` (the headers the proxy sent upstream).
 
 use super::{respond, with_state, AppState};
 use crate::error::ApiError;
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use warp::filters::ws::{Message, Ws};
 use warp::http::HeaderMap;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 /// Concurrent `hold`/`stream` probes; more get 429 `backpressure`.
-pub const MAX_PROBE_HOLDS: usize = 8;
+pub const MAX_PROBE_HOLDS: usize = 32;
 
 #[derive(Debug, Deserialize)]
 struct HoldQuery {
@@ -74,7 +78,56 @@ pub(super) fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::body::bytes())
         .map(echo);
-    hold.or(stream).unify().or(echo).unify()
+    let ws = warp::path!("v1" / "probe" / "ws")
+        .and(warp::get())
+        .and(on)
+        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and(with_state(state))
+        .map(probe_ws);
+    hold.or(stream).unify().or(echo).unify().or(ws).unify()
+}
+
+fn probe_ws(ws: Option<Ws>, state: AppState) -> Response {
+    let Some(ws) = ws else {
+        return respond::<Response>(Err(ApiError::UpgradeRequired(
+            "this route needs a WebSocket upgrade; a proxy may have dropped the headers".into(),
+        )));
+    };
+    let ping = Duration::from_millis(state.config.ws_ping_ms);
+    let life = Duration::from_millis(state.config.probe_max_hold_ms);
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move {
+            let (mut sink, mut stream) = socket.split();
+            if sink
+                .send(Message::text(r#"{"type":"ready"}"#))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let deadline = tokio::time::sleep(life);
+            tokio::pin!(deadline);
+            let mut tick = tokio::time::interval(ping);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    _ = tick.tick() => {
+                        if sink.send(Message::ping(Bytes::new())).await.is_err() { return; }
+                    }
+                    msg = stream.next() => match msg {
+                        Some(Ok(m)) if m.is_text() => {
+                            if sink.send(m).await.is_err() { return; }
+                        }
+                        Some(Ok(m)) if m.is_close() => break,
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    },
+                }
+            }
+            let _ = sink.send(Message::close_with(1000u16, "probe over")).await;
+        })
+        .into_response()
 }
 
 fn busy() -> ApiError {

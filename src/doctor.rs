@@ -1,0 +1,628 @@
+//! `voxpoll doctor URL`: probes a deployment from the client's side of every proxy, the way the
+//! seeds' engineers diagnosed hosts by hand (shared/longpoll-and-hosting.md §0, §2.3), and prints a
+//! verdict with the settings to use. It measures, all at once:
+//!
+//! - reachability, TLS and round-trip time (`GET /health`, three times);
+//! - whether a WebSocket upgrade passes (`GET /v1/probe/ws`): ok, refused with an HTTP status
+//!   (404 from hosts that reject upgrades, 426 when voxpoll got a plain request because the proxy
+//!   dropped the upgrade headers or speaks HTTP/1.0 upstream), silent (101 but nothing arrives),
+//!   or closed early (1005/1006);
+//! - how long a held request survives (`GET /v1/probe/hold`, up to `--max-hold-s`);
+//! - whether the path buffers streamed responses (`GET /v1/probe/stream`);
+//! - the largest request body accepted (`POST /v1/probe/echo`, growing sizes).
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// `voxpoll doctor` arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Base URL of the deployment, e.g. `https://asr.example.com` (a path prefix is kept).
+    pub url: String,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Longest hold to try, in seconds (wx.request cuts every request at 60 s).
+    #[arg(long, default_value_t = 65)]
+    pub max_hold_s: u64,
+    /// Largest body to try, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Timeout of the quick probes (health, WebSocket, stream, bodies), in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_s: u64,
+}
+
+/// Everything doctor measured, plus the verdict. The JSON shape of `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The URL probed.
+    pub url: String,
+    /// `GET /health` answered 200.
+    pub reachable: bool,
+    /// `https` was used and the certificate verified (None for plain http).
+    pub tls_ok: Option<bool>,
+    /// Status of `GET /health`, when an answer came.
+    pub health_status: Option<u16>,
+    /// Connection or TLS error, when no answer came.
+    pub error: Option<String>,
+    /// Round-trip time of `GET /health`, ms: the fastest of three.
+    pub rtt_ms: Option<u64>,
+    /// The WebSocket probe.
+    pub websocket: WsProbe,
+    /// The held-request probe.
+    pub hold: HoldProbe,
+    /// The streamed-response probe.
+    pub buffering: StreamProbe,
+    /// The body-size probe.
+    pub body: BodyProbe,
+    /// What to change or use.
+    pub verdict: Verdict,
+}
+
+/// Outcome of the WebSocket upgrade.
+#[derive(Debug, Clone, Serialize)]
+pub struct WsProbe {
+    /// `ok`, `refused` (HTTP status instead of 101), `silent` (101 but no frame), `closed`
+    /// (closed before the first frame), `error` (connection failed).
+    pub outcome: String,
+    /// HTTP status of a refused upgrade.
+    pub status: Option<u16>,
+    /// Close code of an early close (1005 = no status, 1006 = dropped).
+    pub close_code: Option<u16>,
+    /// Time to the `ready` frame, ms.
+    pub ready_ms: Option<u64>,
+    /// Human detail.
+    pub detail: String,
+}
+
+/// Outcome of the held request.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldProbe {
+    /// Hold asked for, ms.
+    pub asked_ms: u64,
+    /// The request came back 200 after the full hold.
+    pub survived: bool,
+    /// When it was cut, ms after sending (when it did not survive).
+    pub cut_at_ms: Option<u64>,
+    /// Status of the cut (504 from a proxy timeout), if an answer came.
+    pub status: Option<u16>,
+}
+
+/// Outcome of the streamed response.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamProbe {
+    /// The first event arrived only near the end: the path buffers responses.
+    pub buffered: Option<bool>,
+    /// First event after, ms.
+    pub first_event_ms: Option<u64>,
+    /// Last byte after, ms.
+    pub total_ms: Option<u64>,
+    /// Why the probe failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Outcome of the body-size probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct BodyProbe {
+    /// Largest size that came back 200, bytes.
+    pub largest_ok: Option<usize>,
+    /// First size refused, bytes.
+    pub refused_at: Option<usize>,
+    /// Its status (413 from a proxy's body cap).
+    pub refused_status: Option<u16>,
+}
+
+/// Settings to use and problems found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// `websocket` or `long-poll`.
+    pub transport: String,
+    /// Long-poll hold to configure (`VOXPOLL_POLL_HOLD_MS`, and the most a client should ask), ms.
+    pub hold_ms: u64,
+    /// Chunk size for uploads (`VOXPOLL_CHUNK_BYTES`), bytes.
+    pub chunk_bytes: usize,
+    /// Largest chunk to allow (`VOXPOLL_MAX_CHUNK_BYTES`), bytes.
+    pub max_chunk_bytes: usize,
+    /// Problems, each `{code, message}`.
+    pub problems: Vec<Problem>,
+}
+
+/// One problem found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// `unreachable`, `tls`, `health`, `websocket_refused`, `websocket_upgrade_dropped`,
+    /// `websocket_silent`, `websocket_closed`, `hold_cut`, `responses_buffered`, `body_cap`.
+    pub code: String,
+    /// What it means and what to do.
+    pub message: String,
+}
+
+const SIZES: [usize; 9] = [
+    16 << 10,
+    64 << 10,
+    96 << 10,
+    100 << 10,
+    128 << 10,
+    256 << 10,
+    512 << 10,
+    1 << 20,
+    4 << 20,
+];
+
+/// Runs every probe and prints the report. Exits non-zero when the deployment is unreachable.
+///
+/// # Errors
+/// Only for a malformed URL; every network failure is part of the report.
+pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
+    let report = diagnose(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    if !report.reachable {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Runs every probe concurrently and derives the verdict.
+///
+/// # Errors
+/// A URL that is not http(s).
+pub async fn diagnose(args: &DoctorArgs) -> anyhow::Result<Report> {
+    let base = args.url.trim_end_matches('/').to_string();
+    anyhow::ensure!(
+        base.starts_with("http://") || base.starts_with("https://"),
+        "URL must start with http:// or https://"
+    );
+    let quick = Duration::from_secs(args.timeout_s);
+    let http = reqwest::Client::builder().connect_timeout(quick).build()?;
+    let (health, websocket, hold, buffering, body) = tokio::join!(
+        probe_health(&http, &base, quick),
+        probe_ws(&base, quick),
+        probe_hold(&http, &base, args.max_hold_s * 1000),
+        probe_stream(&http, &base, quick),
+        probe_body(&http, &base, args.max_body_bytes, quick),
+    );
+    let (reachable, tls_ok, health_status, error, rtt_ms) = health;
+    let mut report = Report {
+        url: base,
+        reachable,
+        tls_ok,
+        health_status,
+        error,
+        rtt_ms,
+        websocket,
+        hold,
+        buffering,
+        body,
+        verdict: Verdict {
+            transport: String::new(),
+            hold_ms: 0,
+            chunk_bytes: 0,
+            max_chunk_bytes: 0,
+            problems: Vec::new(),
+        },
+    };
+    report.verdict = verdict(&report);
+    Ok(report)
+}
+
+type Health = (bool, Option<bool>, Option<u16>, Option<String>, Option<u64>);
+
+async fn probe_health(http: &reqwest::Client, base: &str, timeout: Duration) -> Health {
+    let https = base.starts_with("https://");
+    let mut best: Option<u64> = None;
+    let mut status = None;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        match http
+            .get(format!("{base}/health"))
+            .timeout(timeout)
+            .send()
+            .await
+        {
+            Ok(r) => {
+                status = Some(r.status().as_u16());
+                let _ = r.bytes().await;
+                let ms = t0.elapsed().as_millis() as u64;
+                best = Some(best.map_or(ms, |b| b.min(ms)));
+            }
+            Err(e) => {
+                let msg = error_chain(&e);
+                let tls = https.then(|| !looks_like_tls(&msg));
+                return (false, tls, None, Some(msg), None);
+            }
+        }
+    }
+    let ok = status == Some(200);
+    (ok, https.then_some(true), status, None, best)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn looks_like_tls(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("certificate") || m.contains("tls") || m.contains("handshake")
+}
+
+async fn probe_ws(base: &str, timeout: Duration) -> WsProbe {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let url = format!("{}/v1/probe/ws", base.replacen("http", "ws", 1));
+    let t0 = Instant::now();
+    let mk = |outcome: &str, status, close_code, ready_ms, detail: String| WsProbe {
+        outcome: outcome.into(),
+        status,
+        close_code,
+        ready_ms,
+        detail,
+    };
+    let conn = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(&url)).await;
+    let mut ws = match conn {
+        Err(_) => {
+            return mk(
+                "silent",
+                None,
+                None,
+                None,
+                format!("no answer to the upgrade within {} s", timeout.as_secs()),
+            )
+        }
+        Ok(Err(WsError::Http(resp))) => {
+            let status = resp.status().as_u16();
+            return mk(
+                "refused",
+                Some(status),
+                None,
+                None,
+                format!("upgrade answered {status} instead of 101"),
+            );
+        }
+        Ok(Err(e)) => return mk("error", None, None, None, error_chain(&e)),
+        Ok(Ok((ws, _))) => ws,
+    };
+    // The server speaks first; then one echo round trip.
+    let deadline = Instant::now() + timeout;
+    let mut ready_ms = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Err(_) => {
+                let what = if ready_ms.is_some() {
+                    "no echo"
+                } else {
+                    "101 Switching Protocols, then no frame"
+                };
+                return mk(
+                    "silent",
+                    None,
+                    None,
+                    ready_ms,
+                    format!("{what} within {} s", timeout.as_secs()),
+                );
+            }
+            Ok(None) | Ok(Some(Err(_))) => {
+                return mk(
+                    "closed",
+                    None,
+                    Some(1006),
+                    ready_ms,
+                    "socket dropped without a close frame".into(),
+                )
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let code = frame.map_or(1005, |f| u16::from(f.code));
+                return mk(
+                    "closed",
+                    None,
+                    Some(code),
+                    ready_ms,
+                    format!("closed with {code} before the probe finished"),
+                );
+            }
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if ready_ms.is_none() && t.contains("ready") {
+                    ready_ms = Some(t0.elapsed().as_millis() as u64);
+                    if ws.send(Message::text("{\"type\":\"echo\"}")).await.is_err() {
+                        return mk(
+                            "closed",
+                            None,
+                            Some(1006),
+                            ready_ms,
+                            "send failed after ready".into(),
+                        );
+                    }
+                } else if t.contains("echo") {
+                    let _ = ws.close(None).await;
+                    return mk(
+                        "ok",
+                        None,
+                        None,
+                        ready_ms,
+                        "upgrade passed; frames flow both ways".into(),
+                    );
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+async fn probe_hold(http: &reqwest::Client, base: &str, asked_ms: u64) -> HoldProbe {
+    let t0 = Instant::now();
+    let r = http
+        .get(format!("{base}/v1/probe/hold?ms={asked_ms}"))
+        .timeout(Duration::from_millis(asked_ms + 15_000))
+        .send()
+        .await;
+    let cut = |status| HoldProbe {
+        asked_ms,
+        survived: false,
+        cut_at_ms: Some(t0.elapsed().as_millis() as u64),
+        status,
+    };
+    match r {
+        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+            Ok(_) => HoldProbe {
+                asked_ms,
+                survived: true,
+                cut_at_ms: None,
+                status: Some(200),
+            },
+            Err(_) => cut(Some(200)),
+        },
+        Ok(resp) => cut(Some(resp.status().as_u16())),
+        Err(_) => cut(None),
+    }
+}
+
+async fn probe_stream(http: &reqwest::Client, base: &str, timeout: Duration) -> StreamProbe {
+    const EVENTS: u64 = 5;
+    const INTERVAL_MS: u64 = 400;
+    let t0 = Instant::now();
+    let fail = |e: String| StreamProbe {
+        buffered: None,
+        first_event_ms: None,
+        total_ms: None,
+        error: Some(e),
+    };
+    let resp = match http
+        .get(format!(
+            "{base}/v1/probe/stream?events={EVENTS}&interval_ms={INTERVAL_MS}"
+        ))
+        .timeout(timeout + Duration::from_millis(EVENTS * INTERVAL_MS))
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return fail(format!("HTTP {}", r.status().as_u16())),
+        Err(e) => return fail(error_chain(&e)),
+    };
+    let mut body = resp.bytes_stream();
+    let mut first = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(b) if !b.is_empty() && first.is_none() => {
+                first = Some(t0.elapsed().as_millis() as u64)
+            }
+            Ok(_) => {}
+            Err(e) => return fail(error_chain(&e)),
+        }
+    }
+    let total = t0.elapsed().as_millis() as u64;
+    let span = (EVENTS - 1) * INTERVAL_MS;
+    let buffered = first.map(|f| f + span / 2 >= total && total >= span);
+    StreamProbe {
+        buffered,
+        first_event_ms: first,
+        total_ms: Some(total),
+        error: None,
+    }
+}
+
+async fn probe_body(
+    http: &reqwest::Client,
+    base: &str,
+    max: usize,
+    timeout: Duration,
+) -> BodyProbe {
+    let mut out = BodyProbe {
+        largest_ok: None,
+        refused_at: None,
+        refused_status: None,
+    };
+    for size in SIZES.into_iter().filter(|&s| s <= max) {
+        let r = http
+            .post(format!("{base}/v1/probe/echo"))
+            .header("content-type", "application/octet-stream")
+            .body(vec![0u8; size])
+            .timeout(timeout)
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => out.largest_ok = Some(size),
+            Ok(resp) => {
+                out.refused_at = Some(size);
+                out.refused_status = Some(resp.status().as_u16());
+                break;
+            }
+            Err(_) => {
+                out.refused_at = Some(size);
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn problem(code: &str, message: String) -> Problem {
+    Problem {
+        code: code.into(),
+        message,
+    }
+}
+
+/// Derives the settings and problems from the measurements.
+pub fn verdict(r: &Report) -> Verdict {
+    let mut problems = Vec::new();
+    if !r.reachable {
+        let code = if r.tls_ok == Some(false) {
+            "tls"
+        } else if r.health_status.is_some() {
+            "health"
+        } else {
+            "unreachable"
+        };
+        problems.push(problem(code, match (&r.error, r.health_status) {
+            (Some(e), _) => format!("GET /health failed: {e}"),
+            (None, Some(s)) => format!("GET /health answered {s}, not 200: is this a voxpoll deployment, and is the path prefix right?"),
+            _ => "GET /health failed".into(),
+        }));
+    }
+    let ws = &r.websocket;
+    match ws.outcome.as_str() {
+        "ok" => {}
+        _ if !r.reachable => {} // the reachability problem says it all
+        "refused" if ws.status == Some(426) => problems.push(problem("websocket_upgrade_dropped", "the proxy forwarded the WebSocket upgrade as a plain request (voxpoll answered 426): it speaks HTTP/1.0 upstream or drops the Upgrade/Connection headers (nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"). Use long-polling.".into())),
+        "refused" => problems.push(problem("websocket_refused", format!("the host answers the WebSocket upgrade with {} (cloud hosts that block upgrades answer 404). Use long-polling.", ws.status.unwrap_or(0)))),
+        "silent" => problems.push(problem("websocket_silent", format!("WebSocket: {}; something on the path swallows the socket. Use long-polling.", ws.detail))),
+        "closed" => problems.push(problem("websocket_closed", format!("WebSocket closed early ({}): {}. Use long-polling.", ws.close_code.unwrap_or(1006), ws.detail))),
+        _ => problems.push(problem("websocket_refused", format!("WebSocket failed: {}. Use long-polling.", ws.detail))),
+    }
+    let default_hold = 25_000;
+    let hold_ms = match (r.hold.survived, r.hold.cut_at_ms) {
+        (false, Some(cut)) if r.reachable => {
+            let hold = if cut > 10_000 { cut - 5_000 } else { cut / 2 };
+            let hold = (hold / 1000 * 1000).clamp(1000, default_hold);
+            problems.push(problem("hold_cut", format!(
+                "held requests are cut after about {} s{}: hold polls for at most {} s (VOXPOLL_POLL_HOLD_MS={hold}, VOXPOLL_POLL_MAX_HOLD_MS={hold}) or raise the proxy's read timeout",
+                (cut + 500) / 1000,
+                r.hold.status.map_or(String::new(), |s| format!(" (HTTP {s})")),
+                hold / 1000,
+            )));
+            hold
+        }
+        _ => default_hold,
+    };
+    if r.buffering.buffered == Some(true) {
+        problems.push(problem("responses_buffered", format!(
+            "the path buffers streamed responses (first event after {} ms of {} ms): streaming (SSE, chunked) will not reach clients in time; long-polling and WebSocket are unaffected (nginx: proxy_buffering off, or X-Accel-Buffering: no)",
+            r.buffering.first_event_ms.unwrap_or(0),
+            r.buffering.total_ms.unwrap_or(0),
+        )));
+    }
+    let default_max = 96 * 1024;
+    let max_chunk_bytes = match (r.body.largest_ok, r.body.refused_at) {
+        (ok, Some(refused)) if r.reachable => {
+            let ok = ok.unwrap_or(0);
+            problems.push(problem("body_cap", format!(
+                "request bodies over {} KB are refused{} ({} KB passed): keep chunks ≤ {} KB (VOXPOLL_MAX_CHUNK_BYTES) and one-shot uploads under the cap (WeChat callContainer caps requests at 100 KB)",
+                refused / 1024,
+                r.body.refused_status.map_or(String::new(), |s| format!(" with {s}")),
+                ok / 1024,
+                ok.min(default_max) / 1024,
+            )));
+            ok.min(default_max)
+        }
+        _ => default_max,
+    };
+    Verdict {
+        transport: if ws.outcome == "ok" {
+            "websocket"
+        } else {
+            "long-poll"
+        }
+        .into(),
+        hold_ms,
+        chunk_bytes: 8192.min(max_chunk_bytes.max(1024)),
+        max_chunk_bytes,
+        problems,
+    }
+}
+
+/// The text report.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "voxpoll doctor {}", r.url);
+    let _ = writeln!(
+        s,
+        "  reachable      {}{}{}",
+        if r.reachable { "yes" } else { "NO" },
+        r.rtt_ms
+            .map_or(String::new(), |ms| format!(", rtt {ms} ms")),
+        match r.tls_ok {
+            Some(true) => ", TLS ok",
+            Some(false) => ", TLS FAILED",
+            None => "",
+        }
+    );
+    if let Some(e) = &r.error {
+        let _ = writeln!(s, "                 {e}");
+    }
+    let _ = writeln!(
+        s,
+        "  websocket      {} — {}",
+        r.websocket.outcome, r.websocket.detail
+    );
+    let _ = writeln!(
+        s,
+        "  held request   {}",
+        if r.hold.survived {
+            format!("survived {} s", r.hold.asked_ms / 1000)
+        } else {
+            format!(
+                "cut after {} ms{}",
+                r.hold.cut_at_ms.unwrap_or(0),
+                r.hold
+                    .status
+                    .map_or(String::new(), |st| format!(" (HTTP {st})"))
+            )
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  buffering      {}",
+        match r.buffering.buffered {
+            Some(true) => "responses buffered".to_string(),
+            Some(false) => "none (events streamed)".into(),
+            None => format!("unknown ({})", r.buffering.error.as_deref().unwrap_or("-")),
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  largest body   {}",
+        match (r.body.largest_ok, r.body.refused_at) {
+            (Some(ok), Some(no)) => format!("{} KB ok, {} KB refused", ok / 1024, no / 1024),
+            (Some(ok), None) => format!("{} KB ok (largest tried)", ok / 1024),
+            _ => "none accepted".into(),
+        }
+    );
+    let v = &r.verdict;
+    let _ = writeln!(s, "verdict");
+    let _ = writeln!(
+        s,
+        "  transport {}, hold {} ms, chunk {} bytes (max {})",
+        v.transport, v.hold_ms, v.chunk_bytes, v.max_chunk_bytes
+    );
+    if v.problems.is_empty() {
+        let _ = writeln!(s, "  no problems found");
+    }
+    for p in &v.problems {
+        let _ = writeln!(s, "  [{}] {}", p.code, p.message);
+    }
+    s
+}
