@@ -8,7 +8,8 @@
 //!   dropped the upgrade headers or speaks HTTP/1.0 upstream), silent (101 but nothing arrives),
 //!   or closed early (1005/1006);
 //! - how long a held request survives (`GET /v1/probe/hold`, up to `--max-hold-s`);
-//! - whether the path buffers streamed responses (`GET /v1/probe/stream`);
+//! - whether the path buffers streamed responses (`GET /v1/probe/stream`, sent with
+//!   `Accept-Encoding: gzip` as real clients send it: compressing proxies buffer);
 //! - the largest request body accepted (`POST /v1/probe/echo`, growing sizes).
 
 use futures_util::{SinkExt, StreamExt};
@@ -403,6 +404,8 @@ async fn probe_stream(http: &reqwest::Client, base: &str, timeout: Duration) -> 
         .get(format!(
             "{base}/v1/probe/stream?events={EVENTS}&interval_ms={INTERVAL_MS}"
         ))
+        // As browsers and WeChat do: compressing proxies (nginx `gzip on`) buffer then.
+        .header("accept-encoding", "gzip")
         .timeout(timeout + Duration::from_millis(EVENTS * INTERVAL_MS))
         .send()
         .await
@@ -519,7 +522,7 @@ pub fn verdict(r: &Report) -> Verdict {
     };
     if r.buffering.buffered == Some(true) {
         problems.push(problem("responses_buffered", format!(
-            "the path buffers streamed responses (first event after {} ms of {} ms): streaming (SSE, chunked) will not reach clients in time; long-polling and WebSocket are unaffected (nginx: proxy_buffering off, or X-Accel-Buffering: no)",
+            "the path buffers streamed responses (first event after {} ms of {} ms): streaming (SSE, chunked) will not reach clients in time; long-polling and WebSocket are unaffected (nginx: proxy_buffering off and no gzip for text/event-stream, or X-Accel-Buffering: no)",
             r.buffering.first_event_ms.unwrap_or(0),
             r.buffering.total_ms.unwrap_or(0),
         )));
