@@ -2,6 +2,7 @@
 //! mono or stereo) into 16 kHz mono s16 samples, incrementally across chunk boundaries.
 //! A leaf module: it knows nothing of sessions or providers.
 
+pub mod compressed;
 pub mod file;
 pub mod vad;
 
@@ -23,21 +24,29 @@ pub enum AudioFormat {
     /// A RIFF/WAVE stream (16-bit integer PCM) split across chunks; the header rides in the first
     /// chunk(s) and its rate and channels override the session's.
     Wav,
+    /// MPEG audio Layer III frames (RecorderManager `format: 'mp3'`), split anywhere; rate and
+    /// channels come from the frame headers.
+    Mp3,
+    /// AAC frames behind ADTS headers (RecorderManager `format: 'aac'`), split anywhere.
+    Aac,
 }
 
 impl AudioFormat {
     /// Parses a session's `format` option.
     ///
     /// # Errors
-    /// A message naming the accepted formats; `mp3`/`aac` are recognised but not yet decoded.
+    /// A message naming the accepted formats (`m4a`, `opus`, `speex` and `silk` are recognised
+    /// but not streamable here: an MP4 container keeps its index at the end).
     pub fn parse(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "pcm" | "s16le" => Ok(Self::Pcm),
             "wav" => Ok(Self::Wav),
-            "mp3" | "aac" | "m4a" | "opus" | "speex" | "silk" => Err(format!(
-                "audio format {s:?} is not supported by this server yet; send \"pcm\" (s16le) or \"wav\""
+            "mp3" => Ok(Self::Mp3),
+            "aac" | "adts" => Ok(Self::Aac),
+            "m4a" | "opus" | "speex" | "silk" => Err(format!(
+                "audio format {s:?} cannot be streamed in chunks here; send \"pcm\" (s16le), \"wav\", \"mp3\" or \"aac\" (ADTS), or upload the file to POST /v1/recognize"
             )),
-            _ => Err(format!("unknown audio format {s:?}; supported: \"pcm\" (s16le), \"wav\"")),
+            _ => Err(format!("unknown audio format {s:?}; supported: \"pcm\" (s16le), \"wav\", \"mp3\", \"aac\" (ADTS)")),
         }
     }
 }
@@ -59,6 +68,10 @@ pub struct Decoder {
     resampler: Option<Resampling>,
     /// Input sample frames (at the source rate) decoded so far.
     frames_in: u64,
+    /// MP3/ADTS framing and decoding; rate and channels come from its first frame.
+    frames: Option<compressed::FrameDecoder>,
+    /// Rate and channels are final (PCM from the start; WAV/MP3/AAC once their headers arrive).
+    params_known: bool,
 }
 
 struct Resampling {
@@ -80,10 +93,21 @@ impl Decoder {
             carry: Vec::new(),
             resampler: None,
             frames_in: 0,
+            frames: None,
+            params_known: false,
         };
         match format {
             AudioFormat::Wav => d.header = Some(Vec::new()),
-            AudioFormat::Pcm => d.init_resampler()?,
+            AudioFormat::Pcm => {
+                d.init_resampler()?;
+                d.params_known = true;
+            }
+            AudioFormat::Mp3 => {
+                d.frames = Some(compressed::FrameDecoder::new(compressed::Framing::Mp3));
+            }
+            AudioFormat::Aac => {
+                d.frames = Some(compressed::FrameDecoder::new(compressed::Framing::Adts));
+            }
         }
         Ok(d)
     }
@@ -110,8 +134,21 @@ impl Decoder {
     /// Decodes one chunk. Returns the 16 kHz mono samples that became available.
     ///
     /// # Errors
-    /// A WAV stream whose header is malformed or not 16-bit PCM.
+    /// A WAV stream whose header is malformed or not 16-bit PCM; an MP3/AAC stream without
+    /// frame sync, with a rate outside [`RATE_RANGE`] or a corrupt frame structure.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<i16>, AudioError> {
+        if let Some(fd) = self.frames.as_mut() {
+            let samples = fd.push(bytes)?;
+            if let (false, Some((rate, channels))) = (self.params_known, fd.format) {
+                check_params(rate, channels)?;
+                self.rate = rate;
+                self.channels = channels;
+                self.init_resampler()?;
+                self.params_known = true;
+            }
+            let pcm: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+            return Ok(self.push_pcm(&pcm));
+        }
         let body: Vec<u8>;
         let bytes = if let Some(header) = self.header.as_mut() {
             header.extend_from_slice(bytes);
@@ -124,12 +161,18 @@ impl Decoder {
                     self.rate = rate;
                     self.channels = channels;
                     self.init_resampler()?;
+                    self.params_known = true;
                     &body[..]
                 }
             }
         } else {
             bytes
         };
+        Ok(self.push_pcm(bytes))
+    }
+
+    /// Downmixes and resamples interleaved s16le bytes at the source rate and channels.
+    fn push_pcm(&mut self, bytes: &[u8]) -> Vec<i16> {
         let frame_bytes = 2 * usize::from(self.channels);
         let mut data = std::mem::take(&mut self.carry);
         data.extend_from_slice(bytes);
@@ -146,7 +189,7 @@ impl Decoder {
             })
             .collect();
         self.frames_in += mono.len() as u64;
-        Ok(self.resample(mono, false))
+        self.resample(mono, false)
     }
 
     /// Flushes the resampler at the end of the stream.

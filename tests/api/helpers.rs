@@ -433,3 +433,14 @@ pub fn zh_chars(s: &str) -> Vec<char> {
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Character error rate of `hyp` against `reference` (Chinese characters and words).
+pub fn zh_cer(reference: &str, hyp: &str) -> f64 {
+    let (r, h) = (zh_chars(reference), zh_chars(hyp));
+    edit_distance(&r, &h) as f64 / r.len() as f64
+}
+
+/// A file under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(root().join("tests/fixtures").join(rel)).expect("fixture")
+}

@@ -8,15 +8,6 @@ use serde_json::Value;
 
 const EXPECTED: &str = "今天天气很好，我们去公园散步吧。";
 
-fn fixture(rel: &str) -> Vec<u8> {
-    std::fs::read(root().join("tests/fixtures").join(rel)).expect("fixture")
-}
-
-fn cer(reference: &str, hyp: &str) -> f64 {
-    let (r, h) = (zh_chars(reference), zh_chars(hyp));
-    edit_distance(&r, &h) as f64 / r.len() as f64
-}
-
 async fn post_raw(app: &TestApp, query: &str, ctype: &str, body: Vec<u8>) -> (StatusCode, Value) {
     let r = app
         .http
@@ -48,7 +39,7 @@ async fn raw_wav_is_recognised_and_recorded() {
     let (s, body) = post_raw(&app, "", "audio/wav", fixture("zh/01.wav")).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let text = body["text"].as_str().unwrap();
-    assert!(cer(EXPECTED, text) <= 0.2, "{text}");
+    assert!(zh_cer(EXPECTED, text) <= 0.2, "{text}");
     assert_eq!(body["provider"], "embedded");
     assert_eq!(body["engine"], "16k_zh");
     let dur = body["duration_ms"].as_u64().unwrap();
@@ -94,7 +85,7 @@ async fn seeds_route_takes_every_recorder_format() {
         assert_eq!(body["code"], 0, "{file}: {body}");
         assert_eq!(body["message"], "ok");
         let text = body["data"]["text"].as_str().unwrap();
-        let c = cer(EXPECTED, text);
+        let c = zh_cer(EXPECTED, text);
         eprintln!("{file}: {text} (CER {c:.2})");
         assert!(c <= 0.2, "{file}: {text}");
     }
@@ -112,7 +103,7 @@ async fn raw_uploads_detect_or_take_the_declared_format() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    assert!(cer(EXPECTED, body["text"].as_str().unwrap()) <= 0.2);
+    assert!(zh_cer(EXPECTED, body["text"].as_str().unwrap()) <= 0.2);
     // Raw PCM needs format=pcm (and its rate).
     let pcm = pcm_bytes(&read_wav(&root().join("tests/fixtures/zh/01.wav")));
     let (s, body) = post_raw(
@@ -123,7 +114,7 @@ async fn raw_uploads_detect_or_take_the_declared_format() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    assert!(cer(EXPECTED, body["text"].as_str().unwrap()) <= 0.2);
+    assert!(zh_cer(EXPECTED, body["text"].as_str().unwrap()) <= 0.2);
     // Multipart on the v1 route with the `file` field and API option names.
     let form = Form::new()
         .part(
