@@ -190,7 +190,7 @@ async fn bad_requests_get_json_errors() {
     );
     let r = post(r#"{"sample_rate": "fast"}"#).await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = post(r#"{"format": "mp3"}"#).await.unwrap();
+    let r = post(r#"{"format": "m4a"}"#).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let r = post(r#"{"sample_rate": 1000000}"#).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
