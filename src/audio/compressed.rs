@@ -35,17 +35,23 @@ struct Frame {
     channels: u16,
 }
 
+/// Frames kept for pass-through: the `(rate Hz, channels)` they must have, and the frames.
+type Kept = ((u32, u16), Vec<Vec<u8>>);
+
 /// Decodes a compressed stream fed in arbitrary pieces into interleaved s16 samples.
 pub struct FrameDecoder {
     framing: Framing,
     buf: Vec<u8>,
-    /// Bytes discarded while looking for sync (garbage or tags).
+    /// Bytes discarded since the last frame while looking for sync (garbage or tags).
     skipped: usize,
     synced: bool,
     codec: Option<Box<dyn symphonia::core::codecs::Decoder>>,
     /// Rate and channels of the first frame; later frames must agree.
     pub format: Option<(u32, u16)>,
     ts: u64,
+    /// When set, every complete frame's original bytes (header included) are kept here for
+    /// pass-through, and the stream must be of this `(rate Hz, channels)`.
+    kept: Option<Kept>,
 }
 
 impl FrameDecoder {
@@ -59,7 +65,19 @@ impl FrameDecoder {
             codec: None,
             format: None,
             ts: 0,
+            kept: None,
         }
+    }
+
+    /// Keeps every complete frame's bytes for pass-through ([`Self::take_frames`]); the stream
+    /// must then be `rate` Hz with `channels` channels.
+    pub fn keep_frames(&mut self, rate: u32, channels: u16) {
+        self.kept = Some(((rate, channels), Vec::new()));
+    }
+
+    /// The whole frames completed since the last call, as received (pass-through only).
+    pub fn take_frames(&mut self) -> Option<Vec<Vec<u8>>> {
+        self.kept.as_mut().map(|(_, v)| std::mem::take(v))
     }
 
     /// Feeds bytes; returns the interleaved s16 samples of every frame completed by them, with
@@ -88,23 +106,23 @@ impl FrameDecoder {
                 break;
             }
             let Some(frame) = self.parse(rest) else {
-                if self.synced {
-                    return Err(AudioError(format!(
-                        "{} stream lost frame sync at byte {} (corrupt or not {})",
-                        self.name(),
-                        self.skipped + pos,
-                        self.name()
-                    )));
-                }
+                // Resynchronise as players do (a damaged frame, a trailing ID3v1 tag), but
+                // give up after 64 KiB without a frame.
                 pos += 1;
                 self.skipped += 1;
                 if self.skipped > MAX_SYNC_SEARCH {
-                    return Err(AudioError(format!(
-                        "no {} frame in the first {} bytes: not a {} stream",
-                        self.name(),
-                        MAX_SYNC_SEARCH,
-                        self.name()
-                    )));
+                    return Err(AudioError(if self.synced {
+                        format!(
+                            "{} stream lost frame sync for {MAX_SYNC_SEARCH} bytes: corrupt",
+                            self.name()
+                        )
+                    } else {
+                        format!(
+                            "no {} frame in the first {MAX_SYNC_SEARCH} bytes: not a {} stream",
+                            self.name(),
+                            self.name()
+                        )
+                    }));
                 }
                 continue;
             };
@@ -112,8 +130,19 @@ impl FrameDecoder {
                 break; // wait for the rest of the frame
             }
             let data = rest[frame.header..frame.len].to_vec();
+            let name = self.name();
+            if let Some((want, kept)) = self.kept.as_mut() {
+                if *want != (frame.rate, frame.channels) {
+                    return Err(AudioError(format!(
+                        "the session declared {} Hz with {} channel(s), but the {name} frames are {} Hz with {}; the provider takes this audio as recorded, so the declaration must match",
+                        want.0, want.1, frame.rate, frame.channels
+                    )));
+                }
+                kept.push(rest[..frame.len].to_vec());
+            }
             pos += frame.len;
             self.synced = true;
+            self.skipped = 0;
             self.decode(&frame, &data, &mut out)?;
         }
         self.buf.drain(..pos);

@@ -112,6 +112,23 @@ impl Decoder {
         Ok(d)
     }
 
+    /// Keeps MP3/AAC frames for pass-through to the provider ([`Self::take_frames`]), requiring
+    /// the stream to be of the session's declared rate and channels. No effect on PCM and WAV.
+    pub fn pass_through(&mut self) {
+        let (rate, channels) = (self.rate, self.channels);
+        if let Some(fd) = self.frames.as_mut() {
+            fd.keep_frames(rate, channels);
+        }
+    }
+
+    /// The whole compressed frames completed by the last [`Self::push`], as received; `None`
+    /// unless [`Self::pass_through`] was called.
+    pub fn take_frames(&mut self) -> Option<Vec<Vec<u8>>> {
+        self.frames
+            .as_mut()
+            .and_then(compressed::FrameDecoder::take_frames)
+    }
+
     /// Source sample rate in Hz (from the WAV header once parsed).
     pub fn rate(&self) -> u32 {
         self.rate

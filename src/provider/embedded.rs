@@ -199,7 +199,7 @@ impl StreamThread {
         let mut seg = Segmenter::new(self.cfg);
         while let Ok(msg) = rx.recv() {
             let keep_going = match msg {
-                Msg::Input(ProviderInput::Audio(pcm)) => {
+                Msg::Input(ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. }) => {
                     let segs = seg.push(&pcm);
                     self.handle(segs)
                 }

@@ -270,7 +270,7 @@ impl Stream {
                     return self.fail("provider_timeout", "FunASR did not send its final result in time".into()).await;
                 }
                 m = input.recv(), if input_open => match m {
-                    Some(ProviderInput::Audio(pcm)) => {
+                    Some(ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. }) => {
                         for piece in pcm.chunks(9600) {
                             let bytes: Vec<u8> = piece.iter().flat_map(|s| s.to_le_bytes()).collect();
                             if let Err(e) = sink.send(Message::binary(bytes)).await {

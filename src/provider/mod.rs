@@ -41,6 +41,11 @@ pub struct StreamOptions {
     pub word_info: Option<u8>,
     /// Tencent `hotword_list` ("word|weight,word|weight").
     pub hotword_list: Option<String>,
+    /// Set when the session's compressed audio (MP3/AAC) is passed through: the stream then
+    /// gets [`ProviderInput::Encoded`] frames. Only for providers whose
+    /// [`Provider::accepts_encoded`] said yes.
+    #[serde(skip)]
+    pub encoded: Option<crate::audio::AudioFormat>,
 }
 
 /// Audio and control sent to a provider stream, in order.
@@ -48,6 +53,15 @@ pub struct StreamOptions {
 pub enum ProviderInput {
     /// 16 kHz mono signed 16-bit samples.
     Audio(Vec<i16>),
+    /// Compressed frames passed through as the client recorded them (whole MP3 frames or whole
+    /// ADTS frames, header included), with the same audio decoded to 16 kHz mono for providers
+    /// that need samples (pacing, VAD). Sent only when [`StreamOptions::encoded`] is set.
+    Encoded {
+        /// The original frames, one per element, in order.
+        frames: Vec<Vec<u8>>,
+        /// The frames decoded, 16 kHz mono.
+        pcm: Vec<i16>,
+    },
     /// No more audio: flush the last sentence, then send [`ProviderEvent::Done`].
     Finish,
 }
@@ -190,6 +204,12 @@ pub trait Provider: Send + Sync {
 
     /// Whether it can open streams now.
     fn readiness(&self) -> Readiness;
+
+    /// Whether a stream takes `format` (MP3 or AAC) as the client sent it, for sessions that
+    /// declared the engine's sample rate and mono. Default: no (the session decodes to PCM).
+    fn accepts_encoded(&self, _format: crate::audio::AudioFormat) -> bool {
+        false
+    }
 
     /// Opens a stream. The provider stops its work when `cancel` fires or `input` is dropped.
     ///

@@ -64,7 +64,9 @@ pub fn open(
             let mut seg = Segmenter::new(cfg);
             while let Ok(Some(msg)) = vad_rx.recv() {
                 let (segs, last) = match msg {
-                    ProviderInput::Audio(pcm) => (seg.push(&pcm), false),
+                    ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } => {
+                        (seg.push(&pcm), false)
+                    }
                     ProviderInput::Finish => (seg.finish(), true),
                 };
                 for s in segs {

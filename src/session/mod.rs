@@ -172,7 +172,17 @@ impl CreateOptions {
             convert_num_mode: self.convert_num_mode,
             word_info: self.word_info,
             hotword_list: self.hotword_list.clone(),
+            encoded: None,
         })
+    }
+}
+
+/// Sample rate an engine model type implies: `8k_*` → 8000 Hz, anything else 16000 Hz.
+pub fn engine_rate(engine: &str) -> u32 {
+    if engine.starts_with("8k_") {
+        8_000
+    } else {
+        16_000
     }
 }
 
@@ -578,10 +588,20 @@ impl SessionManager {
             .map_err(SessionError::UnsupportedAudio)?;
         let rate = opts.sample_rate.unwrap_or(16_000);
         let channels = opts.channels.unwrap_or(1);
-        let decoder = Decoder::new(format, rate, channels)
+        let mut decoder = Decoder::new(format, rate, channels)
             .map_err(|e| SessionError::UnsupportedAudio(e.0))?;
         let (provider_name, provider) = self.inner.providers.get(opts.provider.as_deref())?;
-        let stream_opts = opts.stream_options()?;
+        let mut stream_opts = opts.stream_options()?;
+        // MP3/AAC go to the provider as recorded when it takes them and the declared audio is
+        // what its engine wants (engine rate, mono); the worker checks the frames agree.
+        if matches!(format, AudioFormat::Mp3 | AudioFormat::Aac)
+            && provider.accepts_encoded(format)
+            && channels == 1
+            && rate == engine_rate(&stream_opts.engine)
+        {
+            stream_opts.encoded = Some(format);
+            decoder.pass_through();
+        }
         let id = Uuid::new_v4();
         let token = hex::encode(rand::random::<[u8; 24]>());
         let token_sha256 = sha256(&token);

@@ -123,10 +123,19 @@ impl Worker {
             (chunks, force || st.ingest.input_complete())
         };
         for chunk in chunks {
-            match self.decoder.push(&chunk) {
-                Ok(pcm) if pcm.is_empty() => {}
-                Ok(pcm) => {
-                    if !self.send(ProviderInput::Audio(pcm)).await {
+            let decoded = self
+                .decoder
+                .push(&chunk)
+                .map(|pcm| (pcm, self.decoder.take_frames()));
+            match decoded {
+                Ok((pcm, None)) if pcm.is_empty() => {}
+                Ok((_, Some(frames))) if frames.is_empty() => {}
+                Ok((pcm, frames)) => {
+                    let input = match frames {
+                        Some(frames) => ProviderInput::Encoded { frames, pcm },
+                        None => ProviderInput::Audio(pcm),
+                    };
+                    if !self.send(input).await {
                         return;
                     }
                 }

@@ -59,7 +59,7 @@ impl Provider for EchoProvider {
                     m = in_rx.recv() => m,
                 };
                 match msg {
-                    Some(ProviderInput::Audio(pcm)) => {
+                    Some(ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. }) => {
                         let start = pos_ms;
                         pos_ms += pcm.len() as u64 / 16;
                         let rec = Recognition {

@@ -216,6 +216,108 @@ async fn tencent_bridges_client_stalls_and_keeps_client_times() {
     assert!((2_400..=2_560).contains(&end1), "end {end1}");
 }
 
+/// Streams a file's bytes as a session's chunks (`chunk` bytes each, the last with `last=1`).
+async fn stream_file(app: &TestApp, s: &TestSession, bytes: &[u8], chunk: usize) -> Vec<Value> {
+    let pieces: Vec<&[u8]> = bytes.chunks(chunk).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let last = if i + 1 == pieces.len() { "&last=1" } else { "" };
+        let (st, b) = app
+            .upload(s, &format!("seq={i}{last}"), piece.to_vec())
+            .await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+    }
+    app.collect_until_end(s, Duration::from_secs(60)).await
+}
+
+#[tokio::test]
+async fn tencent_takes_mp3_and_aac_frames_as_recorded() {
+    let rt = FakeTencent::start(Behavior::default()).await;
+    let app = spawn_app_with_providers(vec![tencent(&rt, None, |_| {})], |_| {}).await;
+    let mp3 = fixture("compressed/01-16k.mp3");
+    let aac = fixture("compressed/01-16k.aac");
+    // The ID3v2 tag in front of the first frame is the file's, not audio: syncsafe size + 10.
+    let tag = 10
+        + mp3[6..10]
+            .iter()
+            .fold(0usize, |a, &x| (a << 7) | usize::from(x & 0x7f));
+    for (format, bytes, voice_format, audio) in [
+        ("mp3", &mp3, "8", &mp3[tag..]),
+        ("aac", &aac, "16", &aac[..]),
+    ] {
+        let s = app
+            .create(json!({"provider": "tencent", "format": format, "sample_rate": 16000, "channels": 1}))
+            .await;
+        let events = stream_file(&app, &s, bytes, 1000).await;
+        assert_eq!(end_reason(&events), "finished", "{format}: {events:?}");
+        assert!(
+            !finals(&events).is_empty(),
+            "{format}: results from the decoded frames"
+        );
+        let c = rt.conns().pop().expect("a connection");
+        assert_eq!(c.params["voice_format"], voice_format, "{format}");
+        assert!(c.errors.is_empty(), "{format}: {:?}", c.errors);
+        assert_eq!(
+            c.raw.len(),
+            audio.len(),
+            "{format}: every frame, nothing else"
+        );
+        assert!(c.raw == audio, "{format}: frames byte for byte as recorded");
+        assert!(
+            c.frames > 50,
+            "{format}: one message per codec frame, paced ({} frames)",
+            c.frames
+        );
+        assert!(c.peak_speed <= 3.0, "{format}: peak {}", c.peak_speed);
+    }
+}
+
+#[tokio::test]
+async fn tencent_decodes_compressed_audio_it_cannot_take_as_recorded() {
+    let rt = FakeTencent::start(Behavior::default()).await;
+    let app = spawn_app_with_providers(vec![tencent(&rt, None, |_| {})], |_| {}).await;
+    let stereo = fixture("compressed/01-44k-stereo.mp3");
+    // Declared as it is (44.1 kHz stereo): decoded, resampled, sent as PCM.
+    let s = app
+        .create(
+            json!({"provider": "tencent", "format": "mp3", "sample_rate": 44100, "channels": 2}),
+        )
+        .await;
+    let events = stream_file(&app, &s, &stereo, 1000).await;
+    assert_eq!(end_reason(&events), "finished", "{events:?}");
+    let c = rt.conns().pop().expect("a connection");
+    assert_eq!(c.params["voice_format"], "1");
+    let ms = c.audio_bytes / 32;
+    assert!(
+        (3_900..=4_400).contains(&ms),
+        "≈ 4.1 s of 16 kHz PCM, got {ms} ms"
+    );
+    // Declared 16 kHz mono but it is not: a clear error, not garbage upstream.
+    let s = app
+        .create(
+            json!({"provider": "tencent", "format": "mp3", "sample_rate": 16000, "channels": 1}),
+        )
+        .await;
+    for (i, piece) in stereo.chunks(1000).enumerate() {
+        // The session fails at the first frame; later chunks get 410 session_closed.
+        let (st, _) = app.upload(&s, &format!("seq={i}"), piece.to_vec()).await;
+        if st == StatusCode::GONE {
+            break;
+        }
+        assert_eq!(st, StatusCode::OK);
+    }
+    let events = app.collect_until_end(&s, Duration::from_secs(30)).await;
+    let err = events
+        .iter()
+        .find(|e| e["type"] == "error")
+        .expect("error event");
+    assert_eq!(err["code"], "unsupported_audio");
+    assert!(
+        err["message"].as_str().unwrap().contains("44100 Hz"),
+        "{err}"
+    );
+    assert_eq!(end_reason(&events), "failed");
+}
+
 #[tokio::test]
 async fn tencent_pacing_violations_are_caught_by_the_fake() {
     // A fake stricter than Tencent (1.5×) against our 2× catch-up: the fake must object.

@@ -171,6 +171,15 @@ impl Provider for TencentProvider {
         &self.name
     }
 
+    /// Real-time ASR takes MP3 (`voice_format` 8) and AAC (16) as recorded (shared/providers.md
+    /// §1.2), at the engine's rate, mono.
+    fn accepts_encoded(&self, format: crate::audio::AudioFormat) -> bool {
+        matches!(
+            format,
+            crate::audio::AudioFormat::Mp3 | crate::audio::AudioFormat::Aac
+        )
+    }
+
     fn readiness(&self) -> Readiness {
         let in_use = self.settings.max_concurrency - self.slots.available_permits();
         let ready = self.settings.credentials.is_some();

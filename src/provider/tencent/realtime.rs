@@ -7,6 +7,11 @@
 //! 15 s without audio (4008); the inserted silence is recorded in a [`TimeMap`] and every result
 //! time is mapped back to the client's audio. `slice_type` 0/1 become partials, 2 finals;
 //! `{"type":"end"}` is sent after the last frame and the stream is done at `final: 1`.
+//!
+//! Sessions recording MP3 or AAC at the engine's rate pass their frames through as recorded
+//! (`voice_format` 8 or 16, shared/providers.md §1.2): whole codec frames are paced by their
+//! duration the same way. Silence cannot be bridged in a compressed stream, so a pass-through
+//! session that stalls longer than Tencent's 15 s gets its 4008.
 
 use super::sign::realtime_url;
 use super::{realtime_error_code, TencentCredentials, TencentSettings};
@@ -61,7 +66,15 @@ pub fn handshake_params(
     );
     put("engine_model_type", opts.engine.clone());
     put("voice_id", voice_id.to_string());
-    put("voice_format", "1".into());
+    put(
+        "voice_format",
+        match opts.encoded {
+            Some(crate::audio::AudioFormat::Mp3) => "8",
+            Some(crate::audio::AudioFormat::Aac) => "16",
+            _ => "1",
+        }
+        .into(),
+    );
     put("needvad", settings.needvad.to_string());
     if settings.needvad == 1 {
         if let Some(ms) = opts.vad_silence_ms {
@@ -178,6 +191,7 @@ pub(super) fn open(
         conv,
         events: ev_tx,
         buffer: VecDeque::new(),
+        encoded: VecDeque::new(),
         finishing: false,
         end_sent: false,
         end_deadline: None,
@@ -207,6 +221,8 @@ struct Upstream {
     events: mpsc::Sender<ProviderEvent>,
     /// Client audio at `rate`, not yet sent.
     buffer: VecDeque<i16>,
+    /// Pass-through frames not yet sent, with their duration in samples at `rate`.
+    encoded: VecDeque<(Vec<u8>, u64)>,
     finishing: bool,
     end_sent: bool,
     end_deadline: Option<Instant>,
@@ -356,6 +372,13 @@ impl Upstream {
                         let out = self.conv.process(&pcm);
                         self.buffer.extend(out);
                     }
+                    Some(ProviderInput::Encoded { frames, pcm }) => {
+                        // Every frame of a stream has the same sample count; the decoded audio
+                        // (16 kHz) gives it.
+                        let n = frames.len().max(1) as u64;
+                        let per = pcm.len() as u64 * u64::from(self.rate) / u64::from(crate::audio::TARGET_RATE) / n;
+                        self.encoded.extend(frames.into_iter().map(|f| (f, per)));
+                    }
                     Some(ProviderInput::Finish) => {
                         let out = self.conv.flush();
                         self.buffer.extend(out);
@@ -394,6 +417,20 @@ impl Upstream {
         let speed = self.settings.catchup_speed;
         self.credit = (self.credit + speed).min(speed);
         let mut sent_any = false;
+        // Pass-through frames cost their duration in units of `frame_ms`.
+        while let Some((_, samples)) = self.encoded.front() {
+            let cost = *samples as f64 / self.frame as f64;
+            if self.credit < cost.min(speed) {
+                break;
+            }
+            let Some((bytes, samples)) = self.encoded.pop_front() else {
+                break;
+            };
+            sink.send(Message::binary(bytes)).await?;
+            self.sent_samples += samples;
+            self.credit -= cost;
+            sent_any = true;
+        }
         while self.credit >= 1.0 {
             let n = if self.buffer.len() >= self.frame {
                 self.frame
@@ -413,7 +450,7 @@ impl Upstream {
             return Ok(());
         }
         if self.finishing {
-            if !self.end_sent && self.buffer.is_empty() {
+            if !self.end_sent && self.buffer.is_empty() && self.encoded.is_empty() {
                 sink.send(Message::text(r#"{"type":"end"}"#)).await?;
                 self.end_sent = true;
                 self.end_deadline =
@@ -422,7 +459,9 @@ impl Upstream {
             return Ok(());
         }
         let since = *self.starved_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= Duration::from_millis(self.settings.bridge_after_ms) {
+        if self.opts.encoded.is_none()
+            && since.elapsed() >= Duration::from_millis(self.settings.bridge_after_ms)
+        {
             let at_ms = self.upstream_ms();
             sink.send(Message::binary(vec![0u8; self.frame * 2]))
                 .await?;

@@ -51,6 +51,10 @@ pub struct Conn {
     pub params: BTreeMap<String, String>,
     /// Audio bytes received.
     pub audio_bytes: usize,
+    /// Every binary frame's bytes, concatenated (for pass-through checks).
+    pub raw: Vec<u8>,
+    /// Binary frames received.
+    pub frames: usize,
     /// Bytes in frames that were entirely zero (bridging silence).
     pub zero_bytes: usize,
     pub end_received: bool,
@@ -194,7 +198,8 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
         if now_s().abs_diff(ts) > 300 || exp <= now_s() {
             return Err((4002, "签名过期".to_string()));
         }
-        if params["voice_format"] != "1" {
+        // 1 = pcm, 8 = mp3, 16 = aac (providers.md §1.2); others are not scripted here.
+        if !["1", "8", "16"].contains(&params["voice_format"].as_str()) {
             return Err((4001, "voice_format".to_string()));
         }
         Ok(())
@@ -216,6 +221,16 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
     let _ = tx.send(Message::text(msg(0, "success"))).await;
 
     let mut scripter = Scripter::new();
+    // Compressed formats are decoded to drive the script; 4007 when the bytes are not that codec.
+    let mut codec = match params["voice_format"].as_str() {
+        "8" => Some(voxpoll::audio::compressed::FrameDecoder::new(
+            voxpoll::audio::compressed::Framing::Mp3,
+        )),
+        "16" => Some(voxpoll::audio::compressed::FrameDecoder::new(
+            voxpoll::audio::compressed::Framing::Adts,
+        )),
+        _ => None,
+    };
     let mut first_audio: Option<Instant> = None;
     let mut last_audio = Instant::now();
     let mut audio_ms_total = 0u64;
@@ -254,12 +269,23 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                     let gap = now.duration_since(last_audio).as_millis() as u64;
                     last_audio = now;
                     let t0 = *first_audio.get_or_insert(now);
-                    let pcm = samples(&bytes);
+                    let pcm = match codec.as_mut() {
+                        None => samples(&bytes),
+                        Some(c) => {
+                            let pcm = c.push(&bytes).map_err(|e| (4007, format!("音频解码失败: {e}")))?;
+                            if c.pending() > 0 {
+                                return Err((4007, "a binary frame ended inside a codec frame".to_string()));
+                            }
+                            pcm
+                        }
+                    };
                     audio_ms_total += pcm.len() as u64 / 16;
                     {
                         let mut l = log.lock().unwrap();
                         let c = &mut l.conns[idx];
                         c.audio_bytes += bytes.len();
+                        c.raw.extend_from_slice(&bytes);
+                        c.frames += 1;
                         if pcm.iter().all(|&s| s == 0) {
                             c.zero_bytes += bytes.len();
                         }
