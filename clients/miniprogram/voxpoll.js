@@ -36,7 +36,13 @@ var DEFAULTS = {
   /** Extra headers for every call (e.g. an app's own auth). */
   headers: {},
   /** Storage key prefix for the per-host transport choice. */
-  storagePrefix: 'voxpoll.transport.'
+  storagePrefix: 'voxpoll.transport.',
+  /**
+   * WeChat Cloud Hosting: `{ env, service }` sends every call through `wx.cloud.callContainer`
+   * (no legal-domain setup; 15 s and 100 KB per request, no WebSocket), so the transport is
+   * long-polling with holds under 15 s. `baseUrl` is then only a label.
+   */
+  container: null
 }
 
 function assign (target) {
@@ -100,12 +106,16 @@ VoxpollClient.prototype.call = function (method, path, data, extra, hooks) {
   var started = Date.now()
   return new Promise(function (resolve, reject) {
     var header = assign({}, self.opts.headers, extra && extra.header)
-    var task = self.wx.request({
+    var c = self.opts.container
+    if (c) header['X-WX-SERVICE'] = c.service
+    var call = c ? function (o) { return self.wx.cloud.callContainer(assign(o, { config: { env: c.env }, path: path })) } : self.wx.request
+    var timeout = (extra && extra.timeout) || 60000
+    var task = call({
       url: self.baseUrl + path,
       method: method,
       header: header,
       data: data,
-      timeout: (extra && extra.timeout) || 60000,
+      timeout: c ? Math.min(timeout, 15000) : timeout,
       responseType: 'text',
       success: function (res) {
         resolve({ status: res.statusCode, data: res.data, headers: res.header || {}, elapsedMs: Date.now() - started })
@@ -212,7 +222,8 @@ function Session (client, created, handlers) {
   this.id = created.session_id
   this.token = created.session_token
   this.epoch = created.epoch
-  this.holdMs = Math.min(created.poll.hold_ms, client.opts.maxHoldMs)
+  // callContainer cuts every request at 15 s: hold well under it.
+  this.holdMs = Math.min(created.poll.hold_ms, client.opts.maxHoldMs, client.opts.container ? 10000 : Infinity)
   this.upload = created.upload
   this.maxChunk = created.upload.max_chunk_bytes
   this.chunkBytes = created.upload.chunk_bytes || 8192
@@ -253,7 +264,7 @@ Session.prototype.text = function (joiner) {
 }
 
 Session.prototype.start = function () {
-  var wanted = this.client.opts.transport
+  var wanted = this.client.opts.container ? 'poll' : this.client.opts.transport
   if (wanted === 'poll') return this.usePoll('configured')
   var remembered = wanted === 'auto' ? this.client.rememberedTransport() : null
   if (remembered === 'poll') return this.usePoll('remembered')

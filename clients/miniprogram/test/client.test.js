@@ -189,6 +189,17 @@ test('cancel ends the session as cancelled on the server', async () => {
   assert.equal(state.data.status, 'cancelled')
 })
 
+test('WeChat Cloud Hosting: every call through callContainer, long-polling under its 15 s cap', async () => {
+  const shim = createWx({ pcm: speech.pcm, speed: 2, containerBase: server.url })
+  const r = await record({ shim, clientOptions: { baseUrl: 'https://unused.example', container: { env: 'prod-1', service: 'voxpoll' } } })
+  checkStream(r)
+  assert.deepEqual(r.transports, ['poll'])
+  assert.ok(r.session.holdMs <= 10000)
+  assert.equal(shim.log.sockets.length, 0)
+  assert.equal(shim.wx.cloud.calls, shim.log.requests.length, 'no direct wx.request')
+  assert.equal(r.end.transcript, clean)
+})
+
 test('a refused session option surfaces as the server error code', async () => {
   const shim = createWx()
   const client = createClient({ baseUrl: server.url, wx: shim.wx, transport: 'poll' })
