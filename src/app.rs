@@ -114,11 +114,26 @@ pub async fn build_with_providers(
             "sessions left open by a previous process were recorded as failed"
         );
     }
+    let auth = crate::auth::Authenticator::new(&crate::auth::AuthSettings {
+        jwt_hs256_secret: config.jwt_hs256_secret.clone(),
+        jwt_rs256_public_key_pem: match &config.jwt_rs256_public_key {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading RS256 public key {}", p.display()))?,
+            ),
+            None => None,
+        },
+        jwt_audience: config.jwt_audience.clone(),
+        jwt_leeway_s: config.jwt_leeway_s,
+        api_keys: config.api_keys.clone(),
+    })?;
+    tracing::info!(auth = ?auth, cors_origins = ?config.cors_origins, "caller authentication");
     spawn_purge(Arc::clone(&config), Arc::clone(&db), shutdown);
     Ok(AppState {
         config,
         sessions,
         history: db,
+        auth: Arc::new(auth),
     })
 }
 

@@ -127,6 +127,38 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
 
+    /// Sessions one authenticated user may have open at once; beyond it creation gets 429
+    /// `too_many_sessions`. (With auth off only `max_sessions` applies.)
+    #[arg(long, env = "VOXPOLL_MAX_SESSIONS_PER_USER", default_value_t = 4)]
+    pub max_sessions_per_user: usize,
+
+    /// HS256 secret for caller JWTs (set it in the environment, not on the command line).
+    /// Setting any of the JWT keys or API keys turns auth on.
+    #[arg(long, env = "VOXPOLL_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<crate::auth::SecretString>,
+
+    /// PEM file with the RS256 public key for caller JWTs.
+    #[arg(long, env = "VOXPOLL_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<PathBuf>,
+
+    /// Audience (`aud`) caller JWTs must carry; unchecked when unset.
+    #[arg(long, env = "VOXPOLL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew accepted on `exp` and `nbf`, in seconds (at most 300).
+    #[arg(long, env = "VOXPOLL_JWT_LEEWAY_S", default_value_t = 60)]
+    pub jwt_leeway_s: u64,
+
+    /// Static API keys, `user:key` pairs separated by commas (keys ≥ 16 characters), sent as
+    /// `X-Api-Key` (set it in the environment).
+    #[arg(long, env = "VOXPOLL_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<crate::auth::SecretString>,
+
+    /// Origins allowed to call from browsers (H5 pages), comma-separated, e.g.
+    /// `https://h5.example.com`. Empty: no CORS headers; requests with another `Origin` get 403.
+    #[arg(long, env = "VOXPOLL_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
     /// WebSocket transport: interval of server pings, in ms. Keeps proxies with a read timeout
     /// (nginx `proxy_read_timeout` 60 s, 15 s on some gateways) from cutting a quiet socket.
     #[arg(long, env = "VOXPOLL_WS_PING_MS", default_value_t = 10_000)]
@@ -192,6 +224,13 @@ impl Config {
             max_recognize_audio_ms: 600_000,
             history_retention_ms: 30 * 24 * 3_600_000,
             purge_interval_ms: 3_600_000,
+            max_sessions_per_user: 4,
+            jwt_hs256_secret: None,
+            jwt_rs256_public_key: None,
+            jwt_audience: None,
+            jwt_leeway_s: 60,
+            api_keys: None,
+            cors_origins: Vec::new(),
             ws_ping_ms: 10_000,
             probe_max_hold_ms: 70_000,
             probe_max_body_bytes: 4 * 1024 * 1024,
@@ -222,6 +261,10 @@ impl Config {
         );
         anyhow::ensure!(self.max_chunk_bytes > 0, "--max-chunk-bytes must be > 0");
         anyhow::ensure!(self.chunk_bytes > 0, "--chunk-bytes must be > 0");
+        anyhow::ensure!(
+            self.max_sessions_per_user > 0,
+            "--max-sessions-per-user must be > 0"
+        );
         anyhow::ensure!(self.ws_ping_ms > 0, "--ws-ping-ms must be > 0");
         anyhow::ensure!(
             self.max_buffered_bytes >= self.max_chunk_bytes,

@@ -212,10 +212,41 @@ pub struct ChunkTooLarge {
 
 impl warp::reject::Reject for ChunkTooLarge {}
 
+/// Rejection carrying a 401 from caller authentication.
+#[derive(Debug)]
+pub struct Denied {
+    code: &'static str,
+    message: String,
+}
+
+impl From<ApiError> for Denied {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Unauthorized { code, message } => Self { code, message },
+            other => Self {
+                code: "unauthorized",
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl warp::reject::Reject for Denied {}
+
 /// Maps warp's own rejections (no route, wrong method, bad body, over-limit body, bad query) onto
 /// the same JSON error shape. Installed once with `.recover(..)` on the whole route tree.
 pub async fn recover(rej: warp::Rejection) -> Result<Response, std::convert::Infallible> {
-    let err = if let Some(e) = rej.find::<ChunkTooLarge>() {
+    let err = if let Some(d) = rej.find::<Denied>() {
+        ApiError::Unauthorized {
+            code: d.code,
+            message: d.message.clone(),
+        }
+    } else if rej.find::<warp::filters::cors::CorsForbidden>().is_some() {
+        ApiError::Forbidden {
+            code: "cors_forbidden",
+            message: "this Origin is not in the CORS allow-list (cors_origins)".into(),
+        }
+    } else if let Some(e) = rej.find::<ChunkTooLarge>() {
         ApiError::TooLarge {
             code: "chunk_too_large",
             message: format!(

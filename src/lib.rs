@@ -16,6 +16,7 @@
 
 pub mod app;
 pub mod audio;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod doctor;

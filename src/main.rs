@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP server.
-    Serve(voxpoll::config::Config),
+    Serve(Box<voxpoll::config::Config>),
     /// Stream an audio file through a server the way a mini-program does and print the transcript.
     Transcribe(voxpoll::client::TranscribeArgs),
     /// Probe a deployment (reachability, TLS, WebSocket upgrade, held-request cut, buffering,
@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = voxpoll::app::bind(addr)?;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
-            let state = voxpoll::app::build(config, None, shutdown.clone()).await?;
+            let state = voxpoll::app::build(*config, None, shutdown.clone()).await?;
             voxpoll::app::run(listener, state, shutdown).await
         }
         Command::Transcribe(args) => {

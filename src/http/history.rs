@@ -1,5 +1,6 @@
 //! History routes (shared/api.md, "History"): the caller's sessions and one-shot
-//! recognitions, newest first. While auth is off every caller is the same anonymous user.
+//! recognitions, newest first. Each caller (JWT `sub` or API key user) sees only its own entries;
+//! while auth is off every caller is the same anonymous user.
 
 use super::{with_state, AppState};
 use crate::error::ApiError;
@@ -44,64 +45,75 @@ pub(super) fn routes(
     // GET /v1/history?limit=&before=
     let list = warp::path!("v1" / "history")
         .and(warp::get())
+        .and(super::caller(&state))
         .and(warp::query::<ListQuery>())
         .and(with_state(state.clone()))
-        .then(|q: ListQuery, state: AppState| async move {
-            let r: Result<_, ApiError> = async {
-                let limit = q.limit.unwrap_or(20);
-                if limit == 0 || limit > MAX_LIMIT {
-                    return Err(ApiError::bad_request(
-                        "invalid_query",
-                        format!("limit must be 1..={MAX_LIMIT}"),
-                    ));
+        .then(
+            |user: Option<String>, q: ListQuery, state: AppState| async move {
+                let r: Result<_, ApiError> = async {
+                    let limit = q.limit.unwrap_or(20);
+                    if limit == 0 || limit > MAX_LIMIT {
+                        return Err(ApiError::bad_request(
+                            "invalid_query",
+                            format!("limit must be 1..={MAX_LIMIT}"),
+                        ));
+                    }
+                    let before = q.before.as_deref().map(parse_cursor).transpose()?;
+                    let items = state
+                        .history
+                        .history(user, before, limit)
+                        .await
+                        .map_err(|e| ApiError::Internal(e.into()))?;
+                    let next = (items.len() == limit)
+                        .then(|| {
+                            items
+                                .last()
+                                .map(|i| format!("{}_{}", i.created_at_ms, i.id))
+                        })
+                        .flatten();
+                    Ok(json!({ "items": items, "next_before": next }))
                 }
-                let before = q.before.as_deref().map(parse_cursor).transpose()?;
-                let items = state
-                    .history
-                    .history(None, before, limit)
-                    .await
-                    .map_err(|e| ApiError::Internal(e.into()))?;
-                let next = (items.len() == limit)
-                    .then(|| {
-                        items
-                            .last()
-                            .map(|i| format!("{}_{}", i.created_at_ms, i.id))
-                    })
-                    .flatten();
-                Ok(json!({ "items": items, "next_before": next }))
-            }
-            .await;
-            match r {
-                Ok(v) => warp::reply::json(&v).into_response(),
-                Err(e) => e.into_response(),
-            }
-        });
+                .await;
+                match r {
+                    Ok(v) => warp::reply::json(&v).into_response(),
+                    Err(e) => e.into_response(),
+                }
+            },
+        );
     // GET /v1/history/{id}
     let get = warp::path!("v1" / "history" / String)
         .and(warp::get())
+        .and(super::caller(&state))
         .and(with_state(state.clone()))
-        .then(|id: String, state: AppState| async move {
-            match state.history.history_item(None, &id).await {
-                Ok(Some(item)) => warp::reply::json(&item).into_response(),
-                Ok(None) => not_found(&id).into_response(),
-                Err(e) => ApiError::Internal(e.into()).into_response(),
-            }
-        });
+        .then(
+            |id: String, user: Option<String>, state: AppState| async move {
+                match state.history.history_item(user, &id).await {
+                    Ok(Some(item)) => warp::reply::json(&item).into_response(),
+                    Ok(None) => not_found(&id).into_response(),
+                    Err(e) => ApiError::Internal(e.into()).into_response(),
+                }
+            },
+        );
     // DELETE /v1/history/{id}
     let delete = warp::path!("v1" / "history" / String)
         .and(warp::delete())
+        .and(super::caller(&state))
         .and(with_state(state))
-        .then(|id: String, state: AppState| async move {
-            match state.history.delete_history(None, &id).await {
-                Ok(Deleted::Yes) => warp::reply::json(&json!({ "deleted": true })).into_response(),
-                Ok(Deleted::NotFound) => not_found(&id).into_response(),
-                Ok(Deleted::StillOpen) => ApiError::Conflict {
-                    code: "session_open",
-                    message: format!("session {id} is still open; finish or cancel it first"),
+        .then(
+            |id: String, user: Option<String>, state: AppState| async move {
+                match state.history.delete_history(user, &id).await {
+                    Ok(Deleted::Yes) => {
+                        warp::reply::json(&json!({ "deleted": true })).into_response()
+                    }
+                    Ok(Deleted::NotFound) => not_found(&id).into_response(),
+                    Ok(Deleted::StillOpen) => ApiError::Conflict {
+                        code: "session_open",
+                        message: format!("session {id} is still open; finish or cancel it first"),
+                    }
+                    .into_response(),
+                    Err(e) => ApiError::Internal(e.into()).into_response(),
                 }
-                .into_response(),
-                Err(e) => ApiError::Internal(e.into()).into_response(),
-            }
-        });
+            },
+        );
     list.or(get).unify().or(delete).unify()
 }

@@ -25,12 +25,43 @@ pub struct AppState {
     pub sessions: SessionManager,
     /// Recognition history.
     pub history: Arc<dyn HistoryStore>,
+    /// Caller authentication (JWT, API keys); off when nothing is configured.
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
-/// The whole route tree, with the error recovery and request tracing attached.
+/// The whole route tree, with the CORS allow-list, error recovery and request tracing attached.
 pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
+    let origins = state.config.cors_origins.clone();
+    let tree = api(state);
+    // Without an allow-list no CORS headers are sent and `Origin` is not checked.
+    let tree = if origins.is_empty() {
+        tree.boxed()
+    } else {
+        let cors = warp::cors()
+            .allow_origins(origins.iter().map(String::as_str))
+            .allow_methods(["GET", "POST", "DELETE", "OPTIONS"])
+            .allow_headers([
+                "content-type",
+                "authorization",
+                "x-api-key",
+                "x-session-token",
+            ])
+            .expose_headers(["retry-after"])
+            .max_age(600);
+        tree.with(cors)
+            .map(warp::reply::Reply::into_response)
+            .boxed()
+    };
+    tree.recover(crate::error::recover)
+        .unify()
+        .with(warp::trace::request())
+}
+
+fn api(
+    state: AppState,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     ops::routes(state.clone())
         .or(sessions::routes(state.clone()))
         .unify()
@@ -42,9 +73,22 @@ pub fn routes(
         .unify()
         .or(history::routes(state))
         .unify()
-        .recover(crate::error::recover)
-        .unify()
-        .with(warp::trace::request())
+}
+
+/// The caller's user id (`None` while auth is off), or a 401 rejection.
+fn caller(
+    state: &AppState,
+) -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone {
+    let auth = Arc::clone(&state.auth);
+    warp::header::optional::<String>("authorization")
+        .and(warp::header::optional::<String>("x-api-key"))
+        .and_then(move |authz: Option<String>, key: Option<String>| {
+            let auth = Arc::clone(&auth);
+            async move {
+                auth.caller(authz.as_deref(), key.as_deref())
+                    .map_err(|e| warp::reject::custom(crate::error::Denied::from(e)))
+            }
+        })
 }
 
 fn with_state(
@@ -94,11 +138,13 @@ impl From<SessionError> for ApiError {
                     retry_after_s: 1,
                 },
             },
-            SessionError::TooMany { .. } => ApiError::TooBusy {
-                code: "too_many_sessions",
-                message: e.to_string(),
-                retry_after_s: 5,
-            },
+            SessionError::TooMany { .. } | SessionError::TooManyForUser { .. } => {
+                ApiError::TooBusy {
+                    code: "too_many_sessions",
+                    message: e.to_string(),
+                    retry_after_s: 5,
+                }
+            }
             SessionError::InvalidOption(m) => ApiError::bad_request("invalid_option", m),
             SessionError::UnsupportedAudio(m) => ApiError::UnsupportedAudio(m),
             SessionError::ProviderUnavailable(m) => ApiError::Unavailable {

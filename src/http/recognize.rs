@@ -23,16 +23,21 @@ pub(super) fn routes(
     // POST /v1/recognize[?engine=…&format=…]
     let v1 = warp::path!("v1" / "recognize")
         .and(warp::post())
+        .and(super::caller(&state))
         .and(warp::body::content_length_limit(limit))
         .and(warp::query::<CreateOptions>())
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
         .then(
-            |q: CreateOptions, ct: Option<String>, body: Bytes, state: AppState| async move {
+            |user: Option<String>,
+             q: CreateOptions,
+             ct: Option<String>,
+             body: Bytes,
+             state: AppState| async move {
                 let r = async {
                     let upload = parse_upload(&state, q, ct.as_deref(), body).await?;
-                    recognize(&state, upload, None).await
+                    recognize(&state, upload, user).await
                 }
                 .await;
                 match r {
@@ -44,11 +49,12 @@ pub(super) fn routes(
     // POST /api/realtime-voice/recognize (multipart: audio, engineType, filterDirty, …)
     let seeds = warp::path!("api" / "realtime-voice" / "recognize")
         .and(warp::post())
+        .and(super::caller(&state))
         .and(warp::body::content_length_limit(limit))
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::bytes())
         .and(with_state(state))
-        .then(|ct: Option<String>, body: Bytes, state: AppState| async move {
+        .then(|user: Option<String>, ct: Option<String>, body: Bytes, state: AppState| async move {
             let r = async {
                 if !ct.as_deref().is_some_and(|c| c.starts_with("multipart/form-data")) {
                     return Err(ApiError::UnsupportedAudio(
@@ -56,7 +62,7 @@ pub(super) fn routes(
                     ));
                 }
                 let upload = parse_upload(&state, CreateOptions::default(), ct.as_deref(), body).await?;
-                recognize(&state, upload, None).await
+                recognize(&state, upload, user).await
             }
             .await;
             match r {

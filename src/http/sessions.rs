@@ -66,6 +66,7 @@ pub(super) fn routes(
     // POST /v1/sessions
     let create = warp::path!("v1" / "sessions")
         .and(warp::post())
+        .and(super::caller(&state))
         .and(warp::body::content_length_limit(max_json))
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
@@ -127,7 +128,7 @@ pub(super) fn routes(
         .unify()
 }
 
-async fn create_session(body: Bytes, state: AppState) -> Response {
+async fn create_session(user: Option<String>, body: Bytes, state: AppState) -> Response {
     respond(
         async {
             let opts: CreateOptions = if body.iter().all(u8::is_ascii_whitespace) {
@@ -137,7 +138,7 @@ async fn create_session(body: Bytes, state: AppState) -> Response {
                     ApiError::bad_request("invalid_json", format!("session options: {e}"))
                 })?
             };
-            let created = state.sessions.create(opts, None).await?;
+            let created = state.sessions.create(opts, user).await?;
             Ok(warp::reply::with_status(
                 warp::reply::json(&created),
                 StatusCode::CREATED,

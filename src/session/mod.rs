@@ -68,6 +68,14 @@ pub enum SessionError {
         /// Configured limit.
         max: usize,
     },
+    /// Too many open sessions for this user.
+    #[error("this user has {open} sessions open, the limit is {max}; finish one or retry later")]
+    TooManyForUser {
+        /// Open now for the user.
+        open: usize,
+        /// `max_sessions_per_user`.
+        max: usize,
+    },
     /// A creation option is invalid.
     #[error("{0}")]
     InvalidOption(String),
@@ -357,6 +365,8 @@ struct State {
 /// One live session.
 pub struct Session {
     id: Uuid,
+    /// Owner (JWT `sub` / API key user); `None` with auth off.
+    user: Option<String>,
     token_sha256: [u8; 32],
     provider: String,
     engine: String,
@@ -583,6 +593,19 @@ impl SessionManager {
                 max: cfg.max_sessions,
             });
         }
+        if let Some(user) = &user_id {
+            let mine = self
+                .sessions()
+                .values()
+                .filter(|s| s.user.as_ref() == Some(user) && s.lock().end_reason.is_none())
+                .count();
+            if mine >= cfg.max_sessions_per_user {
+                return Err(SessionError::TooManyForUser {
+                    open: mine,
+                    max: cfg.max_sessions_per_user,
+                });
+            }
+        }
         let engine = opts.engine.clone().unwrap_or_else(|| "16k_zh".into());
         let format = AudioFormat::parse(opts.format.as_deref().unwrap_or("pcm"))
             .map_err(SessionError::UnsupportedAudio)?;
@@ -617,7 +640,7 @@ impl SessionManager {
         let now = now_ms();
         let rec = SessionRecord {
             id: id.to_string(),
-            user_id,
+            user_id: user_id.clone(),
             token_sha256: hex::encode(token_sha256),
             provider: provider_name.clone(),
             engine: engine.clone(),
@@ -638,6 +661,7 @@ impl SessionManager {
         }
         let session = Arc::new(Session {
             id,
+            user: user_id,
             token_sha256,
             provider: provider_name,
             format,

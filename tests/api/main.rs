@@ -1,6 +1,7 @@
 //! One integration-test binary (faster to link, one shared model): the real server on port 0
 //! with a real SQLite file, driven over HTTP.
 
+mod auth;
 mod compressed;
 mod fakes;
 mod helpers;
