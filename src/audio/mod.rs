@@ -72,6 +72,8 @@ pub struct Decoder {
     frames: Option<compressed::FrameDecoder>,
     /// Rate and channels are final (PCM from the start; WAV/MP3/AAC once their headers arrive).
     params_known: bool,
+    /// Bytes pushed so far.
+    bytes_in: u64,
 }
 
 struct Resampling {
@@ -95,6 +97,7 @@ impl Decoder {
             frames_in: 0,
             frames: None,
             params_known: false,
+            bytes_in: 0,
         };
         match format {
             AudioFormat::Wav => d.header = Some(Vec::new()),
@@ -154,6 +157,7 @@ impl Decoder {
     /// A WAV stream whose header is malformed or not 16-bit PCM; an MP3/AAC stream without
     /// frame sync, with a rate outside [`RATE_RANGE`] or a corrupt frame structure.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<i16>, AudioError> {
+        self.bytes_in += bytes.len() as u64;
         if let Some(fd) = self.frames.as_mut() {
             let samples = fd.push(bytes)?;
             if let (false, Some((rate, channels))) = (self.params_known, fd.format) {
@@ -207,6 +211,27 @@ impl Decoder {
             .collect();
         self.frames_in += mono.len() as u64;
         self.resample(mono, false)
+    }
+
+    /// Why the stream ended unusable, if it did: a WAV header that never completed, or MP3/AAC
+    /// bytes without a single whole frame. A stream that carried no bytes at all is complete.
+    pub fn incomplete(&self) -> Option<String> {
+        if self.bytes_in == 0 {
+            return None;
+        }
+        if let Some(h) = &self.header {
+            return Some(format!(
+                "the WAV stream ended inside its header ({} bytes): truncated or not WAV",
+                h.len()
+            ));
+        }
+        match &self.frames {
+            Some(fd) if fd.format.is_none() => Some(
+                "the stream ended without one whole MP3/AAC frame: truncated or not that codec"
+                    .into(),
+            ),
+            _ => None,
+        }
     }
 
     /// Flushes the resampler at the end of the stream.

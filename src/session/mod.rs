@@ -145,6 +145,9 @@ impl CreateOptions {
     /// # Errors
     /// [`SessionError::InvalidOption`] naming the field.
     pub fn stream_options(&self) -> Result<StreamOptions, SessionError> {
+        if let Some(list) = &self.hotword_list {
+            check_hotwords(list).map_err(SessionError::InvalidOption)?;
+        }
         if let Some(v) = self.vad_silence_ms {
             if !(200..=5000).contains(&v) {
                 return Err(SessionError::InvalidOption(format!(
@@ -183,6 +186,46 @@ impl CreateOptions {
             encoded: None,
         })
     }
+}
+
+/// Most hot words in a `hotword_list` (Tencent's limit, shared/providers.md §1.2).
+pub const MAX_HOTWORDS: usize = 128;
+
+/// Checks a `hotword_list` the way Tencent defines it (shared/providers.md §1.2): `word|weight`
+/// items separated by `,`, at most [`MAX_HOTWORDS`], each word 1–30 characters without spaces,
+/// weight 1–11 or 100.
+///
+/// # Errors
+/// A message naming the first offending item.
+pub fn check_hotwords(list: &str) -> Result<(), String> {
+    let items: Vec<&str> = list.split(',').collect();
+    if items.len() > MAX_HOTWORDS {
+        return Err(format!(
+            "hotword_list has {} items; at most {MAX_HOTWORDS}",
+            items.len()
+        ));
+    }
+    for item in items {
+        let short: String = item.chars().take(40).collect();
+        let (word, weight) = item
+            .split_once('|')
+            .ok_or_else(|| format!("hotword_list item {short:?} is not word|weight"))?;
+        let n = word.chars().count();
+        if n == 0 || n > 30 || word.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "hotword_list word {short:?}: 1 to 30 characters, no spaces"
+            ));
+        }
+        match weight.parse::<u32>() {
+            Ok(1..=11 | 100) => {}
+            _ => {
+                return Err(format!(
+                    "hotword_list item {short:?}: weight must be 1-11 or 100"
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sample rate an engine model type implies: `8k_*` → 8000 Hz, anything else 16000 Hz.

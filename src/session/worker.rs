@@ -159,6 +159,11 @@ impl Worker {
             return;
         }
         if complete && !self.input_done {
+            if let Some(why) = self.decoder.incomplete() {
+                self.push(error_event("unsupported_audio", &why)).await;
+                self.outcome = Some(EndReason::Failed);
+                return;
+            }
             let tail = self.decoder.finish();
             if !tail.is_empty() && !self.send(ProviderInput::Audio(tail)).await {
                 return;

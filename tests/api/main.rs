@@ -2,6 +2,7 @@
 //! with a real SQLite file, driven over HTTP.
 
 mod auth;
+mod bad_input;
 mod compressed;
 mod fakes;
 mod helpers;
