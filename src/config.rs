@@ -127,6 +127,16 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
 
+    /// Times a session reopens a failed provider stream (dropped socket, timeout, upstream
+    /// unavailable or internal error) and replays the unfinished utterance before it gives up
+    /// with an `error` and `end: failed`. Counted per failure streak: a final result resets it.
+    #[arg(long, env = "VOXPOLL_PROVIDER_RETRIES", default_value_t = 3)]
+    pub provider_retries: u32,
+
+    /// First backoff before reopening a failed provider stream, in ms; doubles per attempt.
+    #[arg(long, env = "VOXPOLL_PROVIDER_BACKOFF_MS", default_value_t = 250)]
+    pub provider_backoff_ms: u64,
+
     /// Sessions one authenticated user may have open at once; beyond it creation gets 429
     /// `too_many_sessions`. (With auth off only `max_sessions` applies.)
     #[arg(long, env = "VOXPOLL_MAX_SESSIONS_PER_USER", default_value_t = 4)]
@@ -224,6 +234,8 @@ impl Config {
             max_recognize_audio_ms: 600_000,
             history_retention_ms: 30 * 24 * 3_600_000,
             purge_interval_ms: 3_600_000,
+            provider_retries: 3,
+            provider_backoff_ms: 250,
             max_sessions_per_user: 4,
             jwt_hs256_secret: None,
             jwt_rs256_public_key: None,

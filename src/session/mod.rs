@@ -193,7 +193,7 @@ pub const MAX_HOTWORDS: usize = 128;
 
 /// Checks a `hotword_list` the way Tencent defines it (shared/providers.md §1.2): `word|weight`
 /// items separated by `,`, at most [`MAX_HOTWORDS`], each word 1–30 characters without spaces,
-/// weight 1–11 or 100.
+/// an integer weight 1–100 (Tencent takes 1–11 and 100, FunASR any positive weight).
 ///
 /// # Errors
 /// A message naming the first offending item.
@@ -217,10 +217,10 @@ pub fn check_hotwords(list: &str) -> Result<(), String> {
             ));
         }
         match weight.parse::<u32>() {
-            Ok(1..=11 | 100) => {}
+            Ok(1..=100) => {}
             _ => {
                 return Err(format!(
-                    "hotword_list item {short:?}: weight must be 1-11 or 100"
+                    "hotword_list item {short:?}: weight must be an integer 1-100 (Tencent: 1-11 or 100)"
                 ))
             }
         }
@@ -733,8 +733,12 @@ impl SessionManager {
         let worker = worker::Worker::new(
             self.clone(),
             Arc::clone(&session),
-            stream,
-            provider_cancel,
+            worker::Upstream {
+                provider,
+                opts: stream_opts,
+                stream,
+                cancel: provider_cancel,
+            },
             decoder,
         );
         self.inner.tasks.spawn(tracing::Instrument::instrument(

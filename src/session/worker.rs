@@ -6,7 +6,9 @@
 use super::event::{EndReason, Event, EventKind};
 use super::{stored, Session, SessionManager};
 use crate::audio::Decoder;
-use crate::provider::{ProviderEvent, ProviderInput, ProviderStream, Recognition};
+use crate::provider::{
+    Provider, ProviderEvent, ProviderInput, ProviderStream, Recognition, StreamOptions,
+};
 use crate::store::SessionProgress;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,11 +17,64 @@ use tokio_util::sync::CancellationToken;
 /// Longest wait for the provider's last results after the audio ended.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The provider side of a session: what is needed to reopen its stream after a fault.
+pub(super) struct Upstream {
+    /// The session's provider.
+    pub provider: Arc<dyn Provider>,
+    /// The options the stream was opened with.
+    pub opts: StreamOptions,
+    /// The current stream.
+    pub stream: ProviderStream,
+    /// Cancels the current stream.
+    pub cancel: CancellationToken,
+}
+
+/// Audio already sent to the current provider stream since the last final result, kept to
+/// replay it into a reopened stream, and the offsets that map the new stream's results back.
+#[derive(Default)]
+struct Replay {
+    /// 16 kHz mono samples from `start_ms` (session time) to what was sent.
+    pcm: Vec<i16>,
+    /// Session time where `pcm` starts: the end of the last final, ms.
+    start_ms: u64,
+    /// Session time where the current stream's time 0 is, ms.
+    offset_ms: u64,
+    /// Added to the current stream's sentence indices.
+    sentence_base: u32,
+    /// One past the highest sentence index finalised so far.
+    next_sentence: u32,
+    /// Provider failures since the last final result.
+    failures: u32,
+    /// Compressed frames go through as recorded (until a reopen switches the stream to PCM).
+    pass_through: bool,
+    /// Incremented by every reopen.
+    generation: u32,
+}
+
+/// Most audio kept for a replay, in samples (60 s at 16 kHz): a provider that finalises
+/// nothing for longer gets only the last minute again.
+const MAX_REPLAY_SAMPLES: usize = 60 * 16_000;
+
+impl Replay {
+    /// Records audio sent to the stream.
+    fn sent(&mut self, pcm: &[i16]) {
+        self.pcm.extend_from_slice(pcm);
+        if self.pcm.len() > MAX_REPLAY_SAMPLES {
+            let drop = self.pcm.len() - MAX_REPLAY_SAMPLES;
+            self.pcm.drain(..drop);
+            self.start_ms += drop as u64 / 16;
+        }
+    }
+}
+
 pub(super) struct Worker {
     mgr: SessionManager,
     s: Arc<Session>,
     stream: ProviderStream,
     provider_cancel: CancellationToken,
+    provider: Arc<dyn Provider>,
+    opts: StreamOptions,
+    replay: Replay,
     decoder: Decoder,
     /// `Finish` has been sent to the provider.
     input_done: bool,
@@ -37,15 +92,20 @@ impl Worker {
     pub(super) fn new(
         mgr: SessionManager,
         s: Arc<Session>,
-        stream: ProviderStream,
-        provider_cancel: CancellationToken,
+        up: Upstream,
         decoder: Decoder,
     ) -> Self {
         Self {
             mgr,
             s,
-            stream,
-            provider_cancel,
+            stream: up.stream,
+            provider_cancel: up.cancel,
+            provider: up.provider,
+            replay: Replay {
+                pass_through: up.opts.encoded.is_some(),
+                ..Replay::default()
+            },
+            opts: up.opts,
             decoder,
             input_done: false,
             wind_down: None,
@@ -104,8 +164,10 @@ impl Worker {
                 ev = self.stream.events.recv() => match ev {
                     Some(ev) => self.on_event(ev).await,
                     None => {
-                        self.push(error_event("provider_closed", "the provider stream closed unexpectedly")).await;
-                        return EndReason::Failed;
+                        if !self.reopen("provider_closed", "the provider stream closed unexpectedly").await {
+                            self.push(error_event("provider_closed", "the provider stream closed unexpectedly")).await;
+                            return EndReason::Failed;
+                        }
                     }
                 },
                 () = self.s.wake.notified(), if !self.input_done && self.wind_down.is_none() => self.feed(false).await,
@@ -127,10 +189,13 @@ impl Worker {
                 .decoder
                 .push(&chunk)
                 .map(|pcm| (pcm, self.decoder.take_frames()));
+            let pass_through = self.replay.pass_through;
+            let decoded = decoded.map(|(pcm, frames)| (pcm, frames.filter(|_| pass_through)));
             match decoded {
                 Ok((pcm, None)) if pcm.is_empty() => {}
                 Ok((_, Some(frames))) if frames.is_empty() => {}
                 Ok((pcm, frames)) => {
+                    self.replay.sent(&pcm);
                     let input = match frames {
                         Some(frames) => ProviderInput::Encoded { frames, pcm },
                         None => ProviderInput::Audio(pcm),
@@ -165,13 +230,14 @@ impl Worker {
                 return;
             }
             let tail = self.decoder.finish();
+            self.replay.sent(&tail);
             if !tail.is_empty() && !self.send(ProviderInput::Audio(tail)).await {
                 return;
             }
-            if self.send(ProviderInput::Finish).await {
-                self.input_done = true;
-                self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
-            }
+            // Marked first: a stream reopened while this is sent gets its own Finish.
+            self.input_done = true;
+            self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
+            self.send(ProviderInput::Finish).await;
         }
     }
 
@@ -180,7 +246,12 @@ impl Worker {
     async fn send(&mut self, input: ProviderInput) -> bool {
         let tx = self.stream.input.clone();
         let cancel = self.s.cancel.clone();
+        let generation = self.replay.generation;
         loop {
+            // Reopened meanwhile: the input was replayed into the new stream with the rest.
+            if self.replay.generation != generation {
+                return true;
+            }
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return false,
@@ -234,12 +305,113 @@ impl Worker {
         }
     }
 
+    /// Maps a result of the current stream into session time and sentence numbering.
+    fn map(&self, mut r: Recognition) -> Recognition {
+        let off = self.replay.offset_ms;
+        r.sentence += self.replay.sentence_base;
+        r.start_ms += off;
+        r.end_ms += off;
+        if let Some(words) = r.words.as_mut() {
+            for w in words {
+                w.start_ms += off;
+                w.end_ms += off;
+            }
+        }
+        r
+    }
+
+    /// A final result: the audio before its end will never be replayed.
+    fn finalised(&mut self, r: &Recognition) {
+        let rp = &mut self.replay;
+        rp.next_sentence = rp.next_sentence.max(r.sentence + 1);
+        rp.failures = 0;
+        if r.end_ms > rp.start_ms {
+            let drop = ((r.end_ms - rp.start_ms) * 16) as usize;
+            rp.pcm.drain(..drop.min(rp.pcm.len()));
+            rp.start_ms = r.end_ms;
+        }
+    }
+
+    /// After a provider fault: reopens the stream with backoff and replays the audio since the
+    /// last final, so the unfinished utterance is recognised again and nothing finalised is
+    /// repeated. Returns false when retries are exhausted or the fault is not transient.
+    async fn reopen(&mut self, code: &str, message: &str) -> bool {
+        let transient = matches!(
+            code,
+            "provider_closed" | "provider_unavailable" | "provider_timeout" | "provider_error"
+        );
+        let max = self.mgr.config().provider_retries;
+        if !transient
+            || self.replay.failures >= max
+            || self.s.cancel.is_cancelled()
+            || self.wind_down.is_some()
+        {
+            return false;
+        }
+        self.replay.failures += 1;
+        let attempt = self.replay.failures;
+        let backoff =
+            Duration::from_millis(self.mgr.config().provider_backoff_ms << (attempt - 1).min(5));
+        tracing::warn!(
+            code,
+            message,
+            attempt,
+            ?backoff,
+            "provider stream failed; reopening"
+        );
+        self.provider_cancel.cancel();
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = self.s.cancel.cancelled() => return false,
+        }
+        // The reopened stream takes PCM: the replay is decoded audio.
+        let mut opts = self.opts.clone();
+        opts.encoded = None;
+        self.replay.pass_through = false;
+        let cancel = CancellationToken::new();
+        let stream = match self.provider.open(&opts, cancel.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "reopening the provider stream failed");
+                return Box::pin(self.reopen("provider_unavailable", &e.to_string())).await;
+            }
+        };
+        self.stream = stream;
+        self.provider_cancel = cancel;
+        self.replay.generation += 1;
+        self.provider_failed = false;
+        self.replay.offset_ms = self.replay.start_ms;
+        self.replay.sentence_base = self.replay.next_sentence;
+        self.push(warning_event(
+            "provider_reconnected",
+            &format!("the provider stream failed ({code}: {message}); reopened it (attempt {attempt} of {max}) and replayed the unfinished utterance"),
+        ))
+        .await;
+        let generation = self.replay.generation;
+        let replay = self.replay.pcm.clone();
+        for part in replay.chunks(16_000) {
+            let sent = self.send(ProviderInput::Audio(part.to_vec())).await;
+            if !sent || self.replay.generation != generation {
+                // Failed at once (its events say so) or reopened again (that replayed all).
+                return true;
+            }
+        }
+        if self.input_done {
+            self.send(ProviderInput::Finish).await;
+            self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
+        }
+        true
+    }
+
     async fn on_event(&mut self, ev: ProviderEvent) {
         match ev {
             ProviderEvent::Partial(r) => {
+                let r = self.map(r);
                 self.push(recognition_event(EventKind::Partial, r)).await;
             }
             ProviderEvent::Final(r) => {
+                let r = self.map(r);
+                self.finalised(&r);
                 if self
                     .push(recognition_event(EventKind::Final, r))
                     .await
@@ -264,6 +436,9 @@ impl Worker {
                 provider_code,
                 message,
             } => {
+                if self.wind_down.is_none() && Box::pin(self.reopen(&code, &message)).await {
+                    return;
+                }
                 self.provider_failed = true;
                 let mut ev = error_event(&code, &message);
                 ev.provider_code = provider_code;

@@ -71,7 +71,7 @@ async fn oversized_or_malformed_hotword_lists() {
     for (what, list) in [
         ("129 items", words(129)),
         ("a 31-character word", format!("{}|5", "a".repeat(31))),
-        ("weight 12", "腾讯云|12".into()),
+        ("weight 101", "腾讯云|101".into()),
         ("weight 0", "腾讯云|0".into()),
         ("no weight", "腾讯云".into()),
         ("a space in a word", "腾讯 云|5".into()),

@@ -318,6 +318,115 @@ async fn tencent_decodes_compressed_audio_it_cannot_take_as_recorded() {
     assert_eq!(end_reason(&events), "failed");
 }
 
+/// (sentence, the fake's voiced duration, start, end) of each final: what a clean run and a run
+/// with a provider fault must agree on (the fake numbers its sentences per connection, so its
+/// `第N句` prefix differs after a reconnect).
+fn final_shape(events: &[Value]) -> Vec<(u64, String, u64, u64)> {
+    finals(events)
+        .iter()
+        .map(|f| {
+            let text = f["text"].as_str().unwrap();
+            let voiced = text.split_once('句').map_or(text, |(_, v)| v).to_string();
+            (
+                f["sentence"].as_u64().unwrap(),
+                voiced,
+                f["start_ms"].as_u64().unwrap(),
+                f["end_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dropped_provider_stream_is_reopened_and_the_unfinished_utterance_replayed() {
+    let pcm = two_sentences();
+    let clean_fake = FakeTencent::start(Behavior::default()).await;
+    let app = spawn_app_with_providers(vec![tencent(&clean_fake, None, |_| {})], |_| {}).await;
+    let s = app.create(json!({"provider": "tencent"})).await;
+    let clean = app.stream_pcm(&s, &pcm, 200, false).await;
+    assert_eq!(end_reason(&clean), "finished");
+
+    // The first connection fails with 5000 (internal error) 3.5 s into the audio, inside the
+    // second sentence; the session reopens the stream and replays from the end of sentence 0.
+    let fake = FakeTencent::start(Behavior {
+        fail_after: Some((3_500, 5000)),
+        fail_conns: 1,
+        ..Behavior::default()
+    })
+    .await;
+    let app = spawn_app_with_providers(vec![tencent(&fake, None, |_| {})], |_| {}).await;
+    let s = app.create(json!({"provider": "tencent"})).await;
+    let events = app.stream_pcm(&s, &pcm, 200, false).await;
+    assert_eq!(end_reason(&events), "finished", "{events:?}");
+    assert_eq!(fake.conns().len(), 2, "one reopen");
+    let warn = events
+        .iter()
+        .find(|e| e["type"] == "warning")
+        .expect("a warning");
+    assert_eq!(warn["code"], "provider_reconnected");
+    assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "no gaps, no repeats"
+    );
+    let (a, b) = (final_shape(&clean), final_shape(&events));
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "nothing lost or duplicated: {a:?} vs {b:?}"
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((x.0, &x.1), (y.0, &y.1), "same sentences and durations");
+        assert!(
+            x.2.abs_diff(y.2) <= 100 && x.3.abs_diff(y.3) <= 100,
+            "same times: {x:?} vs {y:?}"
+        );
+    }
+    // The second connection got only the audio from the end of sentence 0 on.
+    let c = &fake.conns()[1];
+    let sent_ms = (c.audio_bytes / 32) as u64;
+    let from = a[0].3;
+    let total = pcm.len() as u64 / 16;
+    assert!(
+        sent_ms.abs_diff(total - from) <= 100,
+        "replayed {sent_ms} ms, expected ≈ {} ms",
+        total - from
+    );
+}
+
+#[tokio::test]
+async fn a_provider_that_keeps_failing_ends_the_session_after_the_retries() {
+    let fake = FakeTencent::start(Behavior {
+        fail_after: Some((500, 5000)),
+        ..Behavior::default()
+    })
+    .await;
+    let app = spawn_app_with_providers(vec![tencent(&fake, None, |_| {})], |c| {
+        c.provider_retries = 2;
+        c.provider_backoff_ms = 50;
+    })
+    .await;
+    let s = app.create(json!({"provider": "tencent"})).await;
+    let events = app.stream_pcm(&s, &two_sentences(), 200, false).await;
+    assert_eq!(fake.conns().len(), 3, "the first stream and two reopens");
+    let warnings = events
+        .iter()
+        .filter(|e| e["code"] == "provider_reconnected")
+        .count();
+    assert_eq!(warnings, 2);
+    let err = events
+        .iter()
+        .find(|e| e["type"] == "error")
+        .expect("error event");
+    assert_eq!(
+        (err["code"].as_str(), err["provider_code"].as_str()),
+        (Some("provider_unavailable"), Some("5000"))
+    );
+    assert_eq!(end_reason(&events), "failed");
+}
+
 #[tokio::test]
 async fn tencent_pacing_violations_are_caught_by_the_fake() {
     // A fake stricter than Tencent (1.5×) against our 2× catch-up: the fake must object.

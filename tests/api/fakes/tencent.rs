@@ -31,6 +31,8 @@ pub struct Behavior {
     pub handshake_error: Option<i64>,
     /// `(after this much audio in ms, code)`: a mid-stream error.
     pub fail_after: Option<(u64, i64)>,
+    /// `fail_after` applies to connections with an index below this (all by default).
+    pub fail_conns: usize,
 }
 
 impl Default for Behavior {
@@ -41,6 +43,7 @@ impl Default for Behavior {
             max_connections: 100,
             handshake_error: None,
             fail_after: None,
+            fail_conns: usize::MAX,
         }
     }
 }
@@ -301,7 +304,7 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                             return Err((4000, format!("audio too fast: {audio_ms_total} ms in {elapsed_ms} ms")));
                         }
                     }
-                    if let Some((after, code)) = b.fail_after {
+                    if let Some((after, code)) = b.fail_after.filter(|_| idx < b.fail_conns) {
                         if audio_ms_total >= after {
                             return Err((code, "injected failure".to_string()));
                         }
