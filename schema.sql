@@ -1,4 +1,4 @@
--- voxpoll schema, version 2. Embedded into the binary (src/store/sqlite.rs) and applied at start;
+-- voxpoll schema, version 3. Embedded into the binary (src/store/sqlite.rs) and applied at start;
 -- PRAGMA user_version tracks the applied version.
 
 -- One row per realtime session.
@@ -42,3 +42,13 @@ CREATE TABLE IF NOT EXISTS recognitions (
 );
 CREATE INDEX IF NOT EXISTS recognitions_user_created ON recognitions (user_id, created_at_ms);
 CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (ended_at_ms);
+
+-- Version 3: every accepted audio chunk of a session still running, written before the upload is
+-- answered (group commit), so a restarted process resumes the session. Deleted when it ends.
+CREATE TABLE IF NOT EXISTS session_chunks (
+    session_id  TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq         INTEGER NOT NULL,              -- the chunk's seq
+    last        INTEGER NOT NULL,              -- 1 when uploaded with last=1
+    data        BLOB NOT NULL,                 -- the chunk's bytes as uploaded
+    PRIMARY KEY (session_id, seq)
+);

@@ -166,7 +166,7 @@ async fn upload_chunk(
             }
             check_chunk(state.config.max_chunk_bytes, body.len(), last)?;
             let token = header_token.or(q.session_token);
-            let ack = state.sessions.upload(&id, token.as_deref(), q.seq, last, body)?;
+            let ack = state.sessions.upload(&id, token.as_deref(), q.seq, last, body).await?;
             let mut reply = serde_json::to_value(&ack).map_err(anyhow::Error::from)?;
             if let Some(after) = q.after {
                 let poll = state.sessions.poll(&id, token.as_deref(), after, Some(Duration::ZERO)).await?;

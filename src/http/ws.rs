@@ -168,7 +168,7 @@ async fn serve(socket: WebSocket, id: String, token: Option<String>, after: u64,
             break;
         }
         let reply = if msg.is_binary() {
-            Some(on_chunk(&id, token.as_deref(), msg.into_bytes(), &state))
+            Some(on_chunk(&id, token.as_deref(), msg.into_bytes(), &state).await)
         } else if let Ok(t) = msg.to_str() {
             on_text(&id, token.as_deref(), t, &state).await
         } else {
@@ -188,7 +188,7 @@ async fn serve(socket: WebSocket, id: String, token: Option<String>, after: u64,
     let _ = writer.await;
 }
 
-fn on_chunk(id: &str, token: Option<&str>, frame: Bytes, state: &AppState) -> Message {
+async fn on_chunk(id: &str, token: Option<&str>, frame: Bytes, state: &AppState) -> Message {
     if frame.len() < CHUNK_HEADER_BYTES {
         return error_frame(
             None,
@@ -204,12 +204,14 @@ fn on_chunk(id: &str, token: Option<&str>, frame: Bytes, state: &AppState) -> Me
     let seq = u64::from(u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]));
     let last = frame[4] & 1 == 1;
     let body = frame.slice(CHUNK_HEADER_BYTES..);
-    let result = check_chunk(state.config.max_chunk_bytes, body.len(), last).and_then(|()| {
-        state
+    let result = match check_chunk(state.config.max_chunk_bytes, body.len(), last) {
+        Ok(()) => state
             .sessions
             .upload(id, token, seq, last, body)
-            .map_err(ApiError::from)
-    });
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
     match result {
         Ok(ack) => text(&json!({
             "type": "ack",

@@ -5,6 +5,7 @@
 //! the provider's answers into the session's [`event::EventLog`]. Readers wait on a `watch` of
 //! the log's last seq: they subscribe before they read, so no wake-up is lost.
 
+pub mod durable;
 pub mod event;
 pub mod ingest;
 mod worker;
@@ -514,6 +515,8 @@ struct Inner {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     epoch: u64,
+    /// Group commit of accepted chunks.
+    writer: durable::ChunkWriter,
 }
 
 /// Owns every live session. Cheap to clone.
@@ -533,6 +536,7 @@ impl SessionManager {
         Self {
             inner: Arc::new(Inner {
                 config,
+                writer: durable::ChunkWriter::spawn(Arc::clone(&store)),
                 store,
                 providers,
                 sessions: Mutex::new(HashMap::new()),
@@ -765,11 +769,12 @@ impl SessionManager {
         })
     }
 
-    /// Accepts chunk `seq` of a session's audio.
+    /// Accepts chunk `seq` of a session's audio. Returns once a new chunk is committed to the
+    /// database (group commit), so an acknowledged chunk survives a crash.
     ///
     /// # Errors
-    /// Unknown session, bad token, closed session, refused chunk.
-    pub fn upload(
+    /// Unknown session, bad token, closed session, refused chunk, storage failure.
+    pub async fn upload(
         &self,
         id: &str,
         token: Option<&str>,
@@ -791,30 +796,43 @@ impl SessionManager {
                 "chunk 0 of a \"wav\" session must start with a RIFF/WAVE header".into(),
             ));
         }
-        let mut st = s.lock();
-        st.last_activity = Instant::now();
-        let accepted = if st.status == "open" || st.status == "finishing" {
-            st.ingest.offer(seq, body, last)
-        } else {
-            // Retries of chunks already taken stay safe after the session closed.
-            if !st.ingest.is_duplicate(seq, &body) {
-                return Err(SessionError::Closed {
-                    id: id.to_string(),
-                    status: st.status.to_string(),
-                });
+        let (accepted, ack) = {
+            let mut st = s.lock();
+            st.last_activity = Instant::now();
+            let accepted = if st.status == "open" || st.status == "finishing" {
+                st.ingest.offer(seq, body.clone(), last)
+            } else {
+                // Retries of chunks already taken stay safe after the session closed.
+                if !st.ingest.is_duplicate(seq, &body) {
+                    return Err(SessionError::Closed {
+                        id: id.to_string(),
+                        status: st.status.to_string(),
+                    });
+                }
+                Ok(Accepted::Duplicate)
+            }?;
+            if st.ingest.finish_requested() && st.status == "open" {
+                st.status = "finishing";
             }
-            Ok(Accepted::Duplicate)
-        }?;
-        if st.ingest.finish_requested() && st.status == "open" {
-            st.status = "finishing";
-        }
-        let ack = UploadAck {
-            acked_seq: st.ingest.acked_seq(),
-            duplicate: accepted == Accepted::Duplicate,
+            let ack = UploadAck {
+                acked_seq: st.ingest.acked_seq(),
+                duplicate: accepted == Accepted::Duplicate,
+            };
+            (accepted, ack)
         };
-        drop(st);
         if accepted == Accepted::New || last {
             s.wake.notify_one();
+        }
+        if accepted == Accepted::New {
+            self.inner
+                .writer
+                .write(crate::store::ChunkRecord {
+                    session_id: id.to_string(),
+                    seq,
+                    last,
+                    data: body.to_vec(),
+                })
+                .await?;
         }
         Ok(ack)
     }

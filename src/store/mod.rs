@@ -103,6 +103,24 @@ pub trait SessionStore: Send + Sync {
     async fn unfinished(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError>;
     /// Checks the database is writable (for `/ready`).
     async fn check_writable(&self) -> Result<(), StoreError>;
+    /// Writes accepted chunks in one transaction (the group commit of uploads); idempotent on
+    /// (session, seq).
+    async fn put_chunks(&self, chunks: Vec<ChunkRecord>) -> Result<(), StoreError>;
+    /// A running session's stored chunks, ascending by seq.
+    async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError>;
+}
+
+/// One accepted audio chunk as stored for resumption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRecord {
+    /// Session id.
+    pub session_id: String,
+    /// Chunk seq.
+    pub seq: u64,
+    /// Uploaded with `last=1`.
+    pub last: bool,
+    /// The bytes as uploaded.
+    pub data: Vec<u8>,
 }
 
 /// A one-shot recognition as recorded.

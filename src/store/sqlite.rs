@@ -1,7 +1,7 @@
 //! [`SessionStore`] on SQLite (rusqlite + deadpool-sqlite). Queries are synchronous functions run
 //! through one async [`Db::call`]; the schema (`schema.sql`) is embedded and applied at open.
 
-use super::{SessionProgress, SessionRecord, SessionStore, StoreError, StoredEvent};
+use super::{ChunkRecord, SessionProgress, SessionRecord, SessionStore, StoreError, StoredEvent};
 use deadpool_sqlite::{Config as PoolConfig, Pool, Runtime};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// The embedded schema; `PRAGMA user_version` records that it was applied.
 const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// A pool of SQLite connections to one database file.
 #[derive(Clone)]
@@ -168,6 +168,11 @@ impl SessionStore for Db {
             let tx = c.transaction()?;
             insert_event(&tx, &id, &end)?;
             write_progress(&tx, &id, &p)?;
+            // An ended session is never resumed: its audio is not needed any more.
+            tx.execute(
+                "DELETE FROM session_chunks WHERE session_id = ?1",
+                params![id],
+            )?;
             tx.commit()
         })
         .await
@@ -217,6 +222,41 @@ impl SessionStore for Db {
                 out.push((r, max as u64));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn put_chunks(&self, chunks: Vec<ChunkRecord>) -> Result<(), StoreError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO session_chunks (session_id, seq, last, data) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for ch in &chunks {
+                    st.execute(params![ch.session_id, to_i64(ch.seq), ch.last, ch.data])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare(
+                "SELECT seq, last, data FROM session_chunks WHERE session_id = ?1 ORDER BY seq",
+            )?;
+            let rows = st.query_map(params![id], |r| {
+                Ok(ChunkRecord {
+                    session_id: id.clone(),
+                    seq: r.get::<_, i64>(0)? as u64,
+                    last: r.get(1)?,
+                    data: r.get(2)?,
+                })
+            })?;
+            rows.collect()
         })
         .await
     }
