@@ -107,11 +107,12 @@ pub async fn build_with_providers(
         providers,
         shutdown.clone(),
     );
-    let orphans = sessions.recover_orphans().await?;
-    if orphans > 0 {
+    let (resumed, failed) = sessions.resume_orphans().await?;
+    if resumed + failed > 0 {
         tracing::warn!(
-            orphans,
-            "sessions left open by a previous process were recorded as failed"
+            resumed,
+            failed,
+            "sessions left open by a previous process: resumed, or recorded as failed"
         );
     }
     let auth = crate::auth::Authenticator::new(&crate::auth::AuthSettings {

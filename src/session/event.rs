@@ -133,6 +133,15 @@ impl EventLog {
         self.last_seq
     }
 
+    /// A log holding `events` (ascending seqs, as stored), continuing after the last one.
+    pub fn restore(events: Vec<Event>) -> Self {
+        let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+        Self {
+            events: events.into(),
+            last_seq,
+        }
+    }
+
     /// Events with seq > `after`, ascending, at most `limit`.
     pub fn after(&self, after: u64, limit: usize) -> Vec<Event> {
         let start = self.events.partition_point(|e| e.seq <= after);

@@ -8,6 +8,7 @@
 pub mod durable;
 pub mod event;
 pub mod ingest;
+mod resume;
 mod worker;
 
 use crate::audio::{AudioFormat, Decoder};
@@ -580,42 +581,6 @@ impl SessionManager {
             .values()
             .filter(|s| s.lock().end_reason.is_none())
             .count()
-    }
-
-    /// Ends, as `failed`, sessions a previous process left open (they cannot be resumed yet).
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn recover_orphans(&self) -> Result<usize, SessionError> {
-        let orphans = self.inner.store.unfinished().await?;
-        let n = orphans.len();
-        for (rec, max_seq) in orphans {
-            let mut err = Event::new(EventKind::Error);
-            err.seq = max_seq + 1;
-            err.code = Some("server_restarted".into());
-            err.message = Some("the server restarted while this session was open".into());
-            self.inner
-                .store
-                .append_event(&rec.id, &stored(&err))
-                .await?;
-            let mut end = Event::new(EventKind::End);
-            end.seq = max_seq + 2;
-            end.reason = Some(EndReason::Failed);
-            end.transcript = Some(rec.transcript.clone());
-            let progress = crate::store::SessionProgress {
-                status: "failed".into(),
-                acked_seq: rec.acked_seq,
-                audio_ms: rec.audio_ms,
-                transcript: rec.transcript.clone(),
-                end_reason: Some("failed".into()),
-                at_ms: now_ms(),
-            };
-            self.inner
-                .store
-                .end_session(&rec.id, &progress, &stored(&end))
-                .await?;
-        }
-        Ok(n)
     }
 
     /// Opens a session: validates options, opens the provider stream, records the row, starts

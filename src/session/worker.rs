@@ -49,6 +49,8 @@ struct Replay {
     pass_through: bool,
     /// Incremented by every reopen.
     generation: u32,
+    /// Set for a session resumed after a restart: its replay is sent before anything else.
+    resumed: bool,
 }
 
 /// Most audio kept for a replay, in samples (60 s at 16 kHz): a provider that finalises
@@ -116,7 +118,39 @@ impl Worker {
         }
     }
 
+    /// For a session resumed after a restart: `pcm` (16 kHz, from `from_ms` of session time, the
+    /// end of the last final) is replayed into the new stream first; its results are numbered
+    /// from `next_sentence`.
+    pub(super) fn resuming(mut self, pcm: Vec<i16>, from_ms: u64, next_sentence: u32) -> Self {
+        self.replay.pcm = pcm;
+        self.replay.start_ms = from_ms;
+        self.replay.offset_ms = from_ms;
+        self.replay.next_sentence = next_sentence;
+        self.replay.sentence_base = next_sentence;
+        self.replay.pass_through = false;
+        self.replay.resumed = true;
+        self
+    }
+
     pub(super) async fn run(mut self) {
+        if self.replay.resumed {
+            self.push(warning_event(
+                "session_resumed",
+                &format!(
+                    "the server restarted; the session continues and the audio from {} ms on is recognised again",
+                    self.replay.start_ms
+                ),
+            ))
+            .await;
+            let replay = std::mem::take(&mut self.replay.pcm);
+            for part in replay.chunks(16_000) {
+                self.replay.sent(part);
+                if !self.send(ProviderInput::Audio(part.to_vec())).await {
+                    break;
+                }
+            }
+            self.feed(false).await;
+        }
         let reason = self.main_loop().await;
         self.provider_cancel.cancel();
         self.record_end(reason).await;

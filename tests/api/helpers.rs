@@ -167,6 +167,15 @@ impl TestApp {
         }
     }
 
+    /// Stops serving at once without any shutdown bookkeeping, as a crash would leave the
+    /// database (the in-process session tasks are not stopped; the killed-binary test in
+    /// `durability.rs` is the real crash).
+    pub fn abandon(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+
     /// Shuts down and starts a new server on the same database file.
     pub async fn restart(mut self) -> TestApp {
         self.shutdown().await;

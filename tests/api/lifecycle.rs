@@ -83,9 +83,10 @@ async fn shutdown_releases_waiting_polls_and_records_open_sessions() {
 }
 
 #[tokio::test]
-async fn sessions_left_open_by_a_killed_process_are_recorded_as_failed_at_start() {
+async fn sessions_that_cannot_be_resumed_are_recorded_as_failed_at_start() {
     use voxpoll::store::{SessionRecord, SessionStore, StoredEvent};
-    // What a kill -9 leaves behind: an `open` row with one persisted final.
+    // What a kill -9 leaves behind: an `open` row with one persisted final, here for a provider
+    // this server no longer has, so it cannot be resumed.
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("crashed.db");
     let token = "a-token-from-before-the-crash";
@@ -100,7 +101,7 @@ async fn sessions_left_open_by_a_killed_process_are_recorded_as_failed_at_start(
             id: id.into(),
             user_id: None,
             token_sha256,
-            provider: "embedded".into(),
+            provider: "retired".into(),
             engine: "16k_en".into(),
             options_json: "{}".into(),
             status: "open".into(),
@@ -151,4 +152,68 @@ async fn sessions_left_open_by_a_killed_process_are_recorded_as_failed_at_start(
     );
     assert_eq!(events[1]["code"], "server_restarted");
     assert_eq!(events[2]["transcript"], "hello");
+}
+
+#[tokio::test]
+async fn a_session_left_open_resumes_with_its_id_token_seq_and_cursor() {
+    // First process: two chunks acknowledged (so on disk), one final served, then the process
+    // "dies" (its state is dropped without any shutdown bookkeeping).
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("resume.db");
+    let app = spawn_app_with(|c| c.db = db_path.clone()).await;
+    let s = app.create(json!({"provider": "echo"})).await;
+    assert_eq!(app.upload(&s, "seq=0", vec![0u8; 3200]).await.0, 200);
+    assert_eq!(app.upload(&s, "seq=1", vec![0u8; 1600]).await.0, 200);
+    let (_, first) = app.poll(&s, 0, 2000).await;
+    let cursor = first["next_cursor"].as_u64().unwrap();
+    assert!(cursor >= 1, "{first}");
+    let epoch_before = first["epoch"].as_u64().unwrap();
+    app.abandon();
+    // Second process on the same database.
+    let app = spawn_app_with(|c| c.db = db_path.clone()).await;
+    // The acknowledged chunk is still known: its retry is a duplicate.
+    let (st, dup) = app.upload(&s, "seq=1", vec![0u8; 1600]).await;
+    assert_eq!(
+        (st.as_u16(), dup["duplicate"].clone()),
+        (200, json!(true)),
+        "{dup}"
+    );
+    assert_eq!(app.upload(&s, "seq=2&last=1", vec![0u8; 640]).await.0, 200);
+    let mut events: Vec<Value> = first["events"].as_array().unwrap().clone();
+    let mut after = cursor;
+    loop {
+        let (st, page) = app.poll(&s, after, 2000).await;
+        assert_eq!(st, StatusCode::OK, "{page}");
+        assert_ne!(
+            page["epoch"].as_u64().unwrap(),
+            epoch_before,
+            "a new epoch after the restart"
+        );
+        events.extend(page["events"].as_array().unwrap().iter().cloned());
+        after = page["next_cursor"].as_u64().unwrap();
+        if page["done"] == true {
+            break;
+        }
+    }
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e["code"] == "session_resumed"));
+    let finals: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "final")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    // Echo numbers one final per provider input; the resumed stream gets the audio after the
+    // last final replayed, then chunk 2: every sample is recognised exactly once.
+    let total: u64 = finals
+        .iter()
+        .map(|t| t.trim_end_matches(" samples").parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, (3200 + 1600 + 640) / 2, "{finals:?}");
+    let end = events.last().unwrap();
+    assert_eq!(end["reason"], "finished");
 }

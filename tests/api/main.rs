@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod compressed;
+mod durability;
 mod fakes;
 mod helpers;
 mod history;

@@ -1,0 +1,232 @@
+//! Crash durability with the real binary: `kill -9` in the middle of a sentence, restart on the
+//! same database, and the client carries on with the same session id, token, next seq and
+//! cursor. The transcript must equal a run without the crash, and no event may be lost or
+//! repeated.
+
+use crate::helpers::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `voxpoll serve` child process.
+struct Server {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Server {
+    fn start(db: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_voxpoll"))
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--decode-workers",
+                "2",
+                "--db",
+            ])
+            .arg(db)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "voxpoll=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn voxpoll");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("addr=").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server listening");
+        Self {
+            child,
+            url: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill9(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    async fn upload(&self, id: &str, token: &str, seq: usize, last: bool, body: &[u8]) {
+        let q = if last {
+            format!("seq={seq}&last=1")
+        } else {
+            format!("seq={seq}")
+        };
+        loop {
+            let r = self
+                .http
+                .post(format!("{}/v1/sessions/{id}/audio?{q}", self.url))
+                .header("x-session-token", token)
+                .body(body.to_vec())
+                .send()
+                .await
+                .expect("upload");
+            match r.status().as_u16() {
+                200 => return,
+                429 => tokio::time::sleep(Duration::from_millis(200)).await,
+                s => panic!("chunk {seq}: {s} {}", r.text().await.unwrap_or_default()),
+            }
+        }
+    }
+
+    async fn poll(&self, id: &str, token: &str, after: u64) -> Value {
+        let r = self
+            .http
+            .get(format!(
+                "{}/v1/sessions/{id}/events?after={after}&wait_ms=2000",
+                self.url
+            ))
+            .header("x-session-token", token)
+            .send()
+            .await
+            .expect("poll");
+        assert_eq!(r.status(), 200);
+        r.json().await.expect("json")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two Mandarin sentences with a pause, in 200 ms chunks of s16le.
+fn speech_chunks() -> Vec<Vec<u8>> {
+    let dir = root().join("tests/fixtures/zh");
+    let mut pcm = read_wav(&dir.join("01.wav"));
+    pcm.extend(vec![0i16; 16_000]);
+    pcm.extend(read_wav(&dir.join("03.wav")));
+    pcm.extend(vec![0i16; 12_800]);
+    pcm_bytes(&pcm).chunks(6400).map(<[u8]>::to_vec).collect()
+}
+
+async fn create(s: &Server) -> (String, String) {
+    let r = s
+        .http
+        .post(format!("{}/v1/sessions", s.url))
+        .json(&json!({"engine": "16k_zh"}))
+        .send()
+        .await
+        .expect("create");
+    let v: Value = r.json().await.expect("json");
+    (
+        v["session_id"].as_str().unwrap().into(),
+        v["session_token"].as_str().unwrap().into(),
+    )
+}
+
+/// Polls from `after` until `done`, returning the events.
+async fn drain(s: &Server, id: &str, token: &str, mut after: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    for _ in 0..120 {
+        let page = s.poll(id, token, after).await;
+        out.extend(page["events"].as_array().unwrap().iter().cloned());
+        after = page["next_cursor"].as_u64().unwrap();
+        if page["done"] == true {
+            return out;
+        }
+    }
+    panic!("session did not end: {out:?}");
+}
+
+#[tokio::test]
+async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
+    let dir = tempfile::tempdir().expect("dir");
+    let chunks = speech_chunks();
+    let n = chunks.len();
+
+    // Without a crash.
+    let clean = Server::start(&dir.path().join("clean.db"));
+    let (id, token) = create(&clean).await;
+    for (i, c) in chunks.iter().enumerate() {
+        clean.upload(&id, &token, i, i + 1 == n, c).await;
+    }
+    let events = drain(&clean, &id, &token, 0).await;
+    let clean_transcript = events.last().unwrap()["transcript"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        zh_cer(
+            "今天天气很好，我们去公园散步吧。明天上午九点在会议室开会。",
+            &clean_transcript
+        ) <= 0.2,
+        "{clean_transcript}"
+    );
+    drop(clean);
+
+    // With kill -9 at 6.4 s, inside the second sentence (it runs from 5.1 s to 8.4 s), after
+    // the first final was served.
+    let db = dir.path().join("crash.db");
+    let first = Server::start(&db);
+    let (id, token) = create(&first).await;
+    let cut = 32; // chunks 0..32 = 6.4 s
+    for (i, c) in chunks.iter().enumerate().take(cut) {
+        first.upload(&id, &token, i, false, c).await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    let mut epoch = 0;
+    while !seen.iter().any(|e: &Value| e["type"] == "final") {
+        let page = first.poll(&id, &token, cursor).await;
+        seen.extend(page["events"].as_array().unwrap().iter().cloned());
+        cursor = page["next_cursor"].as_u64().unwrap();
+        epoch = page["epoch"].as_u64().unwrap();
+    }
+    first.kill9();
+
+    let second = Server::start(&db);
+    // The client goes on: same id, token, next seq, cursor.
+    for (i, c) in chunks.iter().enumerate().skip(cut) {
+        second.upload(&id, &token, i, i + 1 == n, c).await;
+    }
+    let rest = drain(&second, &id, &token, cursor).await;
+    let page = second.poll(&id, &token, cursor).await;
+    assert_ne!(
+        page["epoch"].as_u64().unwrap(),
+        epoch,
+        "the epoch tells the client a restart happened"
+    );
+    assert!(
+        rest.iter().any(|e| e["code"] == "session_resumed"),
+        "{rest:?}"
+    );
+    seen.extend(rest);
+    let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    for w in seqs.windows(2) {
+        assert!(w[1] > w[0], "ascending, no repeats: {seqs:?}");
+    }
+    let finals: Vec<u64> = seen
+        .iter()
+        .filter(|e| e["type"] == "final" && e["text"] != "")
+        .map(|e| e["sentence"].as_u64().unwrap())
+        .collect();
+    let mut unique = finals.clone();
+    unique.dedup();
+    assert_eq!(finals, unique, "one final per sentence: {seen:?}");
+    let end = seen.last().unwrap();
+    assert_eq!(end["reason"], "finished");
+    assert_eq!(
+        end["transcript"].as_str().unwrap(),
+        clean_transcript,
+        "same transcript as without the crash"
+    );
+}
