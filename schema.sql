@@ -52,3 +52,7 @@ CREATE TABLE IF NOT EXISTS session_chunks (
     data        BLOB NOT NULL,                 -- the chunk's bytes as uploaded
     PRIMARY KEY (session_id, seq)
 );
+
+-- Version 3: event seqs handed out up to here (partials are not stored, but a client may hold a
+-- cursor past the last stored event); a resumed session continues above it.
+ALTER TABLE sessions ADD COLUMN seq_reserved INTEGER NOT NULL DEFAULT 0;

@@ -42,6 +42,11 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_CHUNK_BYTES", default_value_t = 8192)]
     pub chunk_bytes: usize,
 
+    /// Chunk uploads a session may make per second (retries and duplicates count), with bursts
+    /// of twice that; beyond it 429 `rate_limited`. A recording client sends about 4 per second.
+    #[arg(long, env = "VOXPOLL_MAX_CHUNKS_PER_S", default_value_t = 50)]
+    pub max_chunks_per_s: u32,
+
     /// Chunk uploads a client should keep in flight at once (advertised; wx allows 10 requests).
     #[arg(long, env = "VOXPOLL_MAX_INFLIGHT", default_value_t = 2)]
     pub max_inflight: u32,
@@ -215,6 +220,7 @@ impl Config {
             poll_max_hold_ms: 50_000,
             max_chunk_bytes: 96 * 1024,
             chunk_bytes: 8192,
+            max_chunks_per_s: 50,
             max_inflight: 2,
             reorder_window: 16,
             max_buffered_bytes: 2 * 1024 * 1024,
@@ -273,6 +279,7 @@ impl Config {
         );
         anyhow::ensure!(self.max_chunk_bytes > 0, "--max-chunk-bytes must be > 0");
         anyhow::ensure!(self.chunk_bytes > 0, "--chunk-bytes must be > 0");
+        anyhow::ensure!(self.max_chunks_per_s > 0, "--max-chunks-per-s must be > 0");
         anyhow::ensure!(
             self.max_sessions_per_user > 0,
             "--max-sessions-per-user must be > 0"

@@ -145,6 +145,11 @@ impl From<SessionError> for ApiError {
                     retry_after_s: 5,
                 }
             }
+            SessionError::RateLimited { .. } => ApiError::TooBusy {
+                code: "rate_limited",
+                message: e.to_string(),
+                retry_after_s: 1,
+            },
             SessionError::InvalidOption(m) => ApiError::bad_request("invalid_option", m),
             SessionError::UnsupportedAudio(m) => ApiError::UnsupportedAudio(m),
             SessionError::ProviderUnavailable(m) => ApiError::Unavailable {

@@ -133,9 +133,15 @@ impl EventLog {
         self.last_seq
     }
 
-    /// A log holding `events` (ascending seqs, as stored), continuing after the last one.
-    pub fn restore(events: Vec<Event>) -> Self {
-        let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+    /// A log holding `events` (ascending seqs, as stored), continuing after the last one or
+    /// after `at_least`, whichever is higher.
+    pub fn restore(events: Vec<Event>, at_least: u64) -> Self {
+        let last_seq = events
+            .iter()
+            .map(|e| e.seq)
+            .max()
+            .unwrap_or(0)
+            .max(at_least);
         Self {
             events: events.into(),
             last_seq,

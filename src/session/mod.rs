@@ -70,6 +70,12 @@ pub enum SessionError {
         /// Configured limit.
         max: usize,
     },
+    /// The session uploads chunks faster than `max_chunks_per_s`.
+    #[error("more than {per_s} chunk uploads per second on this session; slow down")]
+    RateLimited {
+        /// `max_chunks_per_s`.
+        per_s: u32,
+    },
     /// Too many open sessions for this user.
     #[error("this user has {open} sessions open, the limit is {max}; finish one or retry later")]
     TooManyForUser {
@@ -393,6 +399,11 @@ impl Providers {
 
 /// Mutable state of one session, behind a short-held mutex.
 struct State {
+    /// Highest event seq readers may see: a final, warning, error or end is visible only once
+    /// it is stored, so no client ever holds an event a crash could lose.
+    visible: u64,
+    /// Upload token bucket: tokens left, and when it was last refilled.
+    rate: (f64, Instant),
     status: &'static str,
     ingest: Ingest,
     log: EventLog,
@@ -446,9 +457,10 @@ impl Session {
         join_finals(st.finals.values().map(|s| s.text.as_str()), self.joiner)
     }
 
-    /// Appends an event, keeps the transcript, wakes readers. Returns the stored event, or
-    /// `None` when the event was dropped (an empty final for a sentence never shown).
-    fn push_event(&self, ev: Event) -> Option<Event> {
+    /// Appends an event and keeps the transcript; with `publish`, also makes it visible and
+    /// wakes readers (else [`Session::publish`] does, once it is stored). Returns the stored
+    /// event, or `None` when it was dropped (an empty final for a sentence never shown).
+    fn push_event(&self, ev: Event, publish: bool) -> Option<Event> {
         let mut st = self.lock();
         match ev.kind {
             EventKind::Partial => {
@@ -476,8 +488,19 @@ impl Session {
         st.updated_at_ms = now_ms();
         let stored = st.log.after(seq - 1, 1).pop();
         drop(st);
-        self.log_tx.send_replace(seq);
+        if publish {
+            self.publish(seq);
+        }
         stored
+    }
+
+    /// Makes every event up to `seq` visible and wakes readers.
+    fn publish(&self, seq: u64) {
+        {
+            let mut st = self.lock();
+            st.visible = st.visible.max(seq);
+        }
+        self.log_tx.send_replace(seq);
     }
 
     fn touch(&self) {
@@ -682,6 +705,8 @@ impl SessionManager {
             created_at_ms: now,
             epoch: self.inner.epoch,
             state: Mutex::new(State {
+                visible: 0,
+                rate: (2.0 * f64::from(cfg.max_chunks_per_s), Instant::now()),
                 status: "open",
                 ingest: Ingest::new(cfg.reorder_window, cfg.max_buffered_bytes),
                 log: EventLog::default(),
@@ -763,7 +788,18 @@ impl SessionManager {
         }
         let (accepted, ack) = {
             let mut st = s.lock();
-            st.last_activity = Instant::now();
+            let now = Instant::now();
+            st.last_activity = now;
+            let per_s = f64::from(self.inner.config.max_chunks_per_s);
+            let (tokens, at) = st.rate;
+            let tokens = (tokens + now.duration_since(at).as_secs_f64() * per_s).min(2.0 * per_s);
+            if tokens < 1.0 {
+                st.rate = (tokens, now);
+                return Err(SessionError::RateLimited {
+                    per_s: self.inner.config.max_chunks_per_s,
+                });
+            }
+            st.rate = (tokens - 1.0, now);
             let accepted = if st.status == "open" || st.status == "finishing" {
                 st.ingest.offer(seq, body.clone(), last)
             } else {
@@ -1024,9 +1060,11 @@ impl SessionManager {
 
 fn read_after(s: &Session, after: u64) -> PollResult {
     let st = s.lock();
-    let events = st.log.after(after, MAX_EVENTS_PER_POLL);
+    let mut events = st.log.after(after, MAX_EVENTS_PER_POLL);
+    events.retain(|e| e.seq <= st.visible);
     let next_cursor = events.last().map_or(after, |e| e.seq);
-    let done = st.log.ended() && next_cursor >= st.log.last_seq();
+    let done =
+        st.log.ended() && st.visible >= st.log.last_seq() && next_cursor >= st.log.last_seq();
     PollResult {
         events,
         next_cursor,

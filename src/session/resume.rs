@@ -165,13 +165,19 @@ impl SessionManager {
             .map(|e| e.sentence + 1)
             .max()
             .unwrap_or(0);
-        let log = EventLog::restore(events);
+        let reserved = self
+            .inner
+            .store
+            .reserved_seqs(&rec.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let log = EventLog::restore(events, reserved);
         let last_seq = log.last_seq();
 
         // Replay from the end of the last final, on the VAD frame grid.
         let from_ms = last_end / FRAME_MS * FRAME_MS;
         let replay: Vec<i16> = pcm
-            .get((from_ms * 16) as usize..)
+            .get(usize::try_from(from_ms.saturating_mul(16)).unwrap_or(usize::MAX)..)
             .map(<[i16]>::to_vec)
             .unwrap_or_default();
 
@@ -196,6 +202,8 @@ impl SessionManager {
             created_at_ms: rec.created_at_ms,
             epoch: self.inner.epoch,
             state: Mutex::new(State {
+                visible: last_seq,
+                rate: (2.0 * f64::from(cfg.max_chunks_per_s), Instant::now()),
                 status,
                 ingest,
                 log,

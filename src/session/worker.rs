@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Event seqs reserved in the store at a time.
+const SEQ_BLOCK: u64 = 64;
+
 /// Longest wait for the provider's last results after the audio ended.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -77,6 +80,8 @@ pub(super) struct Worker {
     provider: Arc<dyn Provider>,
     opts: StreamOptions,
     replay: Replay,
+    /// Event seqs reserved in the store so far.
+    seq_reserved: u64,
     decoder: Decoder,
     /// `Finish` has been sent to the provider.
     input_done: bool,
@@ -108,6 +113,7 @@ impl Worker {
                 ..Replay::default()
             },
             opts: up.opts,
+            seq_reserved: 0,
             decoder,
             input_done: false,
             wind_down: None,
@@ -342,13 +348,14 @@ impl Worker {
     /// Maps a result of the current stream into session time and sentence numbering.
     fn map(&self, mut r: Recognition) -> Recognition {
         let off = self.replay.offset_ms;
-        r.sentence += self.replay.sentence_base;
-        r.start_ms += off;
-        r.end_ms += off;
+        // Saturating: the numbers come from an upstream.
+        r.sentence = r.sentence.saturating_add(self.replay.sentence_base);
+        r.start_ms = r.start_ms.saturating_add(off);
+        r.end_ms = r.end_ms.saturating_add(off);
         if let Some(words) = r.words.as_mut() {
             for w in words {
-                w.start_ms += off;
-                w.end_ms += off;
+                w.start_ms = w.start_ms.saturating_add(off);
+                w.end_ms = w.end_ms.saturating_add(off);
             }
         }
         r
@@ -357,10 +364,11 @@ impl Worker {
     /// A final result: the audio before its end will never be replayed.
     fn finalised(&mut self, r: &Recognition) {
         let rp = &mut self.replay;
-        rp.next_sentence = rp.next_sentence.max(r.sentence + 1);
+        rp.next_sentence = rp.next_sentence.max(r.sentence.saturating_add(1));
         rp.failures = 0;
         if r.end_ms > rp.start_ms {
-            let drop = ((r.end_ms - rp.start_ms) * 16) as usize;
+            let drop =
+                usize::try_from((r.end_ms - rp.start_ms).saturating_mul(16)).unwrap_or(usize::MAX);
             rp.pcm.drain(..drop.min(rp.pcm.len()));
             rp.start_ms = r.end_ms;
         }
@@ -492,9 +500,26 @@ impl Worker {
 
     /// Appends to the log; every event but partials is also persisted, so the log served after
     /// a restart has no gaps except superseded partials.
-    async fn push(&self, ev: Event) -> Option<Event> {
-        let stored_ev = self.s.push_event(ev)?;
-        if !matches!(stored_ev.kind, EventKind::Partial | EventKind::End) {
+    ///
+    /// Before a seq is handed out, seqs are reserved in the store in blocks of [`SEQ_BLOCK`], so
+    /// a resumed session continues above any seq a client may hold as its cursor.
+    async fn push(&mut self, ev: Event) -> Option<Event> {
+        let next = self.s.lock().log.last_seq() + 1;
+        if next > self.seq_reserved {
+            let upto = next + SEQ_BLOCK - 1;
+            match self
+                .mgr
+                .store()
+                .reserve_seqs(&self.s.id.to_string(), upto)
+                .await
+            {
+                Ok(()) => self.seq_reserved = upto,
+                Err(e) => tracing::error!(error = %e, cause = ?e, "reserving event seqs failed"),
+            }
+        }
+        let durable = !matches!(ev.kind, EventKind::Partial | EventKind::End);
+        let stored_ev = self.s.push_event(ev, !durable)?;
+        if durable {
             if let Err(e) = self
                 .mgr
                 .store()
@@ -503,6 +528,7 @@ impl Worker {
             {
                 tracing::error!(error = %e, cause = ?e, "persisting an event failed");
             }
+            self.s.publish(stored_ev.seq);
         }
         Some(stored_ev)
     }
@@ -531,7 +557,7 @@ impl Worker {
         end.reason = Some(reason);
         end.transcript = Some(progress.transcript.clone());
         end.end_ms = progress.audio_ms;
-        let Some(end) = self.s.push_event(end) else {
+        let Some(end) = self.s.push_event(end, false) else {
             return;
         };
         if let Err(e) = self
@@ -542,6 +568,7 @@ impl Worker {
         {
             tracing::error!(error = %e, cause = ?e, "recording the end of a session failed");
         }
+        self.s.publish(end.seq);
         tracing::info!(
             reason = reason.status(),
             audio_ms = progress.audio_ms,

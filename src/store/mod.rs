@@ -108,6 +108,10 @@ pub trait SessionStore: Send + Sync {
     async fn put_chunks(&self, chunks: Vec<ChunkRecord>) -> Result<(), StoreError>;
     /// A running session's stored chunks, ascending by seq.
     async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError>;
+    /// Records that event seqs up to `upto` may have been handed out.
+    async fn reserve_seqs(&self, id: &str, upto: u64) -> Result<(), StoreError>;
+    /// The highest event seq reserved for a session (0 when none).
+    async fn reserved_seqs(&self, id: &str) -> Result<u64, StoreError>;
 }
 
 /// One accepted audio chunk as stored for resumption.

@@ -242,6 +242,32 @@ impl SessionStore for Db {
         .await
     }
 
+    async fn reserve_seqs(&self, id: &str, upto: u64) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE sessions SET seq_reserved = MAX(seq_reserved, ?2) WHERE id = ?1",
+                params![id, to_i64(upto)],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn reserved_seqs(&self, id: &str) -> Result<u64, StoreError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT seq_reserved FROM sessions WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
     async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError> {
         let id = id.to_string();
         self.call(move |c| {

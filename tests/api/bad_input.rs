@@ -242,3 +242,40 @@ async fn wrong_content_types() {
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     healthy(&app).await;
 }
+
+#[tokio::test]
+async fn chunk_rate_limit_gives_429_at_its_edge() {
+    let app = spawn_app_with(|c| c.max_chunks_per_s = 5).await;
+    let s = app.create(json!({"provider": "echo"})).await;
+    // A burst of twice the rate passes; the next upload is refused with Retry-After.
+    for seq in 0..10 {
+        let (st, body) = app.upload(&s, &format!("seq={seq}"), vec![0u8; 32]).await;
+        assert_eq!(st, 200, "chunk {seq} of the burst: {body}");
+    }
+    let r = app
+        .http
+        .post(format!("{}/v1/sessions/{}/audio?seq=10", app.url, s.id))
+        .header("x-session-token", &s.token)
+        .body(vec![0u8; 32])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"]["code"],
+        "rate_limited"
+    );
+    // Nothing was stored for it: after the pause the same chunk is new, not a duplicate.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (st, ack) = app.upload(&s, "seq=10", vec![0u8; 32]).await;
+    assert_eq!(
+        (
+            st.as_u16(),
+            ack["duplicate"].clone(),
+            ack["acked_seq"].clone()
+        ),
+        (200, json!(false), json!(10))
+    );
+    healthy(&app).await;
+}

@@ -207,7 +207,7 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
     );
     assert!(
         rest.iter().any(|e| e["code"] == "session_resumed"),
-        "{rest:?}"
+        "before the crash (cursor {cursor}): {seen:?}\nafter: {rest:?}"
     );
     seen.extend(rest);
     let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect();

@@ -365,9 +365,16 @@ impl TestApp {
                 .await;
             }
             let last = if i + 1 == chunks.len() { "&last=1" } else { "" };
-            let (status, body) = self
-                .upload(s, &format!("seq={i}{last}"), pcm_bytes(c))
-                .await;
+            // As a client does: a 429 (rate limit, backpressure) is retried after a pause.
+            let (status, body) = loop {
+                let (status, body) = self
+                    .upload(s, &format!("seq={i}{last}"), pcm_bytes(c))
+                    .await;
+                if status != StatusCode::TOO_MANY_REQUESTS {
+                    break (status, body);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             assert_eq!(status, StatusCode::OK, "chunk {i}: {body}");
         }
         self.collect_until_end(s, Duration::from_secs(120)).await

@@ -170,6 +170,56 @@ struct WordMsg {
     end_time: u64,
 }
 
+/// One server message, parsed (shared/providers.md §1.4): an error, a result, and/or the end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// `code` ≠ 0: the error code and message.
+    pub error: Option<(i64, String)>,
+    /// A result: `slice_type` (0/1 partial, 2 final) and the recognition in client time.
+    pub result: Option<(i64, Recognition)>,
+    /// `final: 1`: the stream is over.
+    pub done: bool,
+}
+
+/// Parses a text frame from the real-time server and maps its times back to client audio time.
+///
+/// # Errors
+/// The frame is not a Tencent result message.
+pub fn parse_message(text: &str, times: &TimeMap) -> Result<Incoming, String> {
+    let msg: ServerMsg =
+        serde_json::from_str(text).map_err(|e| format!("unparseable Tencent message: {e}"))?;
+    if msg.code != 0 {
+        return Ok(Incoming {
+            error: Some((msg.code, msg.message)),
+            result: None,
+            done: false,
+        });
+    }
+    let result = msg.result.map(|r| {
+        let rec = Recognition {
+            sentence: r.index,
+            text: r.voice_text_str,
+            start_ms: times.to_client(r.start_time),
+            end_ms: times.to_client(r.end_time),
+            words: r.word_list.filter(|w| !w.is_empty()).map(|ws| {
+                ws.into_iter()
+                    .map(|w| Word {
+                        word: w.word,
+                        start_ms: times.to_client(w.start_time),
+                        end_ms: times.to_client(w.end_time),
+                    })
+                    .collect()
+            }),
+        };
+        (r.slice_type, rec)
+    });
+    Ok(Incoming {
+        error: None,
+        result,
+        done: msg.final_flag == 1,
+    })
+}
+
 pub(super) fn open(
     settings: Arc<TencentSettings>,
     creds: TencentCredentials,
@@ -477,45 +527,20 @@ impl Upstream {
 
     /// Handles one result frame; true when the stream is over.
     async fn on_text(&mut self, text: &str) -> bool {
-        let msg: ServerMsg = match serde_json::from_str(text) {
+        let msg = match parse_message(text, &self.times) {
             Ok(m) => m,
             Err(e) => {
-                self.fail(
-                    "provider_error",
-                    None,
-                    format!("unparseable Tencent message: {e}"),
-                )
-                .await;
+                self.fail("provider_error", None, e).await;
                 return true;
             }
         };
-        if msg.code != 0 {
-            self.fail(
-                realtime_error_code(msg.code),
-                Some(msg.code.to_string()),
-                msg.message,
-            )
-            .await;
+        if let Some((code, message)) = msg.error {
+            self.fail(realtime_error_code(code), Some(code.to_string()), message)
+                .await;
             return true;
         }
-        if let Some(r) = msg.result {
-            let t = &self.times;
-            let rec = Recognition {
-                sentence: r.index,
-                text: r.voice_text_str,
-                start_ms: t.to_client(r.start_time),
-                end_ms: t.to_client(r.end_time),
-                words: r.word_list.filter(|w| !w.is_empty()).map(|ws| {
-                    ws.into_iter()
-                        .map(|w| Word {
-                            word: w.word,
-                            start_ms: t.to_client(w.start_time),
-                            end_ms: t.to_client(w.end_time),
-                        })
-                        .collect()
-                }),
-            };
-            match r.slice_type {
+        if let Some((slice_type, rec)) = msg.result {
+            match slice_type {
                 2 => self.emit(ProviderEvent::Final(rec)).await,
                 _ if self.opts.partials && !rec.text.is_empty() => {
                     self.emit(ProviderEvent::Partial(rec)).await;
@@ -523,7 +548,7 @@ impl Upstream {
                 _ => {}
             }
         }
-        if msg.final_flag == 1 {
+        if msg.done {
             if self.times.inserted_ms() > 0 {
                 tracing::debug!(
                     inserted_ms = self.times.inserted_ms(),
