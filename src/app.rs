@@ -2,7 +2,7 @@
 //! on a listener until a shutdown token fires.
 
 use crate::config::Config;
-use crate::http::{routes, AppState};
+use crate::http::AppState;
 use crate::provider::embedded::{EmbeddedProvider, EmbeddedSettings};
 use crate::provider::whisper::WhisperEngine;
 use crate::provider::{registry, Provider};
@@ -191,11 +191,13 @@ pub async fn run(
     let sessions = state.sessions.clone();
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    let signal = shutdown.clone();
-    let server = warp::serve(routes(state))
-        .incoming(listener)
-        .graceful(async move { signal.cancelled().await });
-    let server = tokio::spawn(server.run());
+    let config = Arc::clone(&state.config);
+    let server = tokio::spawn(crate::http::server::serve(
+        listener,
+        state,
+        config,
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
     tracing::info!("shutdown begun");
     sessions.shutdown().await;

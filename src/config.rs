@@ -174,6 +174,25 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
+    /// A client must send its request headers within this time, in ms (slow-header clients are
+    /// cut off).
+    #[arg(long, env = "VOXPOLL_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Largest request header section, in bytes (all names and values); beyond it 431
+    /// `headers_too_large`.
+    #[arg(long, env = "VOXPOLL_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Most request headers; beyond it 431 `headers_too_large`.
+    #[arg(long, env = "VOXPOLL_MAX_HEADERS", default_value_t = 64)]
+    pub max_headers: usize,
+
+    /// Longest a request body may take to arrive, in ms; beyond it 408 `request_timeout` (a
+    /// client trickling a body cannot hold the connection).
+    #[arg(long, env = "VOXPOLL_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
     /// WebSocket transport: interval of server pings, in ms. Keeps proxies with a read timeout
     /// (nginx `proxy_read_timeout` 60 s, 15 s on some gateways) from cutting a quiet socket.
     #[arg(long, env = "VOXPOLL_WS_PING_MS", default_value_t = 10_000)]
@@ -249,6 +268,10 @@ impl Config {
             jwt_leeway_s: 60,
             api_keys: None,
             cors_origins: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            request_timeout_ms: 30_000,
             ws_ping_ms: 10_000,
             probe_max_hold_ms: 70_000,
             probe_max_body_bytes: 4 * 1024 * 1024,
@@ -279,6 +302,18 @@ impl Config {
         );
         anyhow::ensure!(self.max_chunk_bytes > 0, "--max-chunk-bytes must be > 0");
         anyhow::ensure!(self.chunk_bytes > 0, "--chunk-bytes must be > 0");
+        anyhow::ensure!(
+            self.request_timeout_ms > 0,
+            "--request-timeout-ms must be > 0"
+        );
+        anyhow::ensure!(
+            self.header_read_timeout_ms > 0,
+            "--header-read-timeout-ms must be > 0"
+        );
+        anyhow::ensure!(
+            self.max_header_bytes >= 1024 && self.max_headers >= 8,
+            "--max-header-bytes must be >= 1024 and --max-headers >= 8"
+        );
         anyhow::ensure!(self.max_chunks_per_s > 0, "--max-chunks-per-s must be > 0");
         anyhow::ensure!(
             self.max_sessions_per_user > 0,

@@ -109,6 +109,12 @@ pub enum ApiError {
     /// proxy that speaks HTTP/1.0 upstream or strips `Upgrade`).
     #[error("{0}")]
     UpgradeRequired(String),
+    /// 408 `request_timeout`: the request was not answered within `request_timeout_ms`.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// 431 `headers_too_large`: over `max_header_bytes` or `max_headers`.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// 500: logged once here with its cause chain; the client sees an opaque message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -141,6 +147,8 @@ impl ApiError {
             Self::TooBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -163,6 +171,8 @@ impl ApiError {
             Self::SessionClosed { .. } => "session_closed",
             Self::UnsupportedAudio(_) => "unsupported_audio",
             Self::UpgradeRequired(_) => "upgrade_required",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::HeadersTooLarge(_) => "headers_too_large",
             Self::Internal(_) => "internal",
         }
     }
@@ -212,6 +222,18 @@ pub struct ChunkTooLarge {
 
 impl warp::reject::Reject for ChunkTooLarge {}
 
+/// Rejection for a request body that could not be read in time (or at all).
+#[derive(Debug)]
+pub struct BodyError(pub String);
+
+impl warp::reject::Reject for BodyError {}
+
+/// Rejection for a request whose headers exceed the configured limits.
+#[derive(Debug)]
+pub struct HeadersTooLarge(pub String);
+
+impl warp::reject::Reject for HeadersTooLarge {}
+
 /// Rejection carrying a 401 from caller authentication.
 #[derive(Debug)]
 pub struct Denied {
@@ -236,7 +258,11 @@ impl warp::reject::Reject for Denied {}
 /// Maps warp's own rejections (no route, wrong method, bad body, over-limit body, bad query) onto
 /// the same JSON error shape. Installed once with `.recover(..)` on the whole route tree.
 pub async fn recover(rej: warp::Rejection) -> Result<Response, std::convert::Infallible> {
-    let err = if let Some(d) = rej.find::<Denied>() {
+    let err = if let Some(b) = rej.find::<BodyError>() {
+        ApiError::RequestTimeout(b.0.clone())
+    } else if let Some(h) = rej.find::<HeadersTooLarge>() {
+        ApiError::HeadersTooLarge(h.0.clone())
+    } else if let Some(d) = rej.find::<Denied>() {
         ApiError::Unauthorized {
             code: d.code,
             message: d.message.clone(),

@@ -6,6 +6,7 @@ mod history;
 mod ops;
 mod probe;
 mod recognize;
+pub mod server;
 mod sessions;
 mod ws;
 
@@ -34,7 +35,8 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
     let origins = state.config.cors_origins.clone();
-    let tree = api(state);
+    let (max_bytes, max_count) = (state.config.max_header_bytes, state.config.max_headers);
+    let tree = header_limits(max_bytes, max_count).and(api(state));
     // Without an allow-list no CORS headers are sent and `Origin` is not checked.
     let tree = if origins.is_empty() {
         tree.boxed()
@@ -73,6 +75,69 @@ fn api(
         .unify()
         .or(history::routes(state))
         .unify()
+}
+
+/// The request body, read within `request_timeout_ms` from the time the handler asks for it:
+/// a client trickling its body gets 408 `request_timeout` instead of holding the connection.
+fn body(
+    state: &AppState,
+) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
+    let limit = std::time::Duration::from_millis(state.config.request_timeout_ms);
+    warp::body::stream().and_then(move |s| collect_body(s, limit))
+}
+
+async fn collect_body<S, B>(
+    s: S,
+    limit: std::time::Duration,
+) -> Result<bytes::Bytes, warp::Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use futures_util::TryStreamExt;
+    let read = async {
+        let mut out = bytes::BytesMut::new();
+        let mut s = std::pin::pin!(s);
+        while let Some(mut chunk) = s.try_next().await? {
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                out.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        Ok::<_, warp::Error>(out.freeze())
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(warp::reject::custom(crate::error::BodyError(e.to_string()))),
+        Err(_) => Err(warp::reject::custom(crate::error::BodyError(format!(
+            "the request body did not arrive within {} ms (request_timeout_ms)",
+            limit.as_millis()
+        )))),
+    }
+}
+
+/// Refuses requests whose header section is over `max_bytes` (names + values) or `max_count`.
+fn header_limits(
+    max_bytes: usize,
+    max_count: usize,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and_then(move |h: warp::http::HeaderMap| async move {
+            let bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+            if h.len() > max_count || bytes > max_bytes {
+                Err(warp::reject::custom(crate::error::HeadersTooLarge(
+                    format!(
+                    "{} headers, {bytes} bytes: at most {max_count} headers and {max_bytes} bytes",
+                    h.len()
+                ),
+                )))
+            } else {
+                Ok(())
+            }
+        })
+        .untuple_one()
 }
 
 /// The caller's user id (`None` while auth is off), or a 401 rejection.

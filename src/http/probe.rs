@@ -76,7 +76,7 @@ pub(super) fn routes(
         .and(on)
         .and(warp::body::content_length_limit(max_body))
         .and(warp::header::headers_cloned())
-        .and(warp::body::bytes())
+        .and(super::body(&state))
         .map(echo);
     let ws = warp::path!("v1" / "probe" / "ws")
         .and(warp::get())

@@ -27,7 +27,7 @@ pub(super) fn routes(
         .and(warp::body::content_length_limit(limit))
         .and(warp::query::<CreateOptions>())
         .and(warp::header::optional::<String>("content-type"))
-        .and(warp::body::bytes())
+        .and(super::body(&state))
         .and(with_state(state.clone()))
         .then(
             |user: Option<String>,
@@ -52,7 +52,7 @@ pub(super) fn routes(
         .and(super::caller(&state))
         .and(warp::body::content_length_limit(limit))
         .and(warp::header::optional::<String>("content-type"))
-        .and(warp::body::bytes())
+        .and(super::body(&state))
         .and(with_state(state))
         .then(|user: Option<String>, ct: Option<String>, body: Bytes, state: AppState| async move {
             let r = async {

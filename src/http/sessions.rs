@@ -68,7 +68,7 @@ pub(super) fn routes(
         .and(warp::post())
         .and(super::caller(&state))
         .and(warp::body::content_length_limit(max_json))
-        .and(warp::body::bytes())
+        .and(super::body(&state))
         .and(with_state(state.clone()))
         .then(create_session);
 
@@ -79,7 +79,7 @@ pub(super) fn routes(
         .and(warp::query::<AudioQuery>())
         .and(header_token())
         .and(warp::header::optional::<String>("content-type"))
-        .and(warp::body::bytes())
+        .and(super::body(&state))
         .and(with_state(state.clone()))
         .then(upload_chunk);
 

@@ -279,3 +279,75 @@ async fn chunk_rate_limit_gives_429_at_its_edge() {
     );
     healthy(&app).await;
 }
+
+#[tokio::test]
+async fn slow_clients_and_oversized_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|c| {
+        c.header_read_timeout_ms = 500;
+        c.request_timeout_ms = 500;
+        c.max_header_bytes = 4096;
+        c.max_headers = 16;
+    })
+    .await;
+    let addr = app.url.trim_start_matches("http://").to_string();
+    // Headers trickled in and never finished: the connection is closed after the timeout.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("write");
+    let t0 = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "closed within 5 s");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "after about 500 ms: {:?}",
+        t0.elapsed()
+    );
+    // A body trickled in: 408 request_timeout, as JSON.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"POST /v1/sessions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"engine\"").await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // Header sections over the limits: 431 headers_too_large, as JSON.
+    let big = "x".repeat(5000);
+    let r = app
+        .http
+        .get(format!("{}/health", app.url))
+        .header("x-big", &big)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 431);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"]["code"],
+        "headers_too_large"
+    );
+    let mut req = app.http.get(format!("{}/health", app.url));
+    for i in 0..20 {
+        req = req.header(format!("x-h{i}"), "v");
+    }
+    let r = req.send().await.expect("get");
+    assert_eq!(r.status(), 431);
+    // Far beyond: hyper refuses before any route runs (still a 431).
+    let r = app
+        .http
+        .get(format!("{}/health", app.url))
+        .header("x-huge", "y".repeat(20_000))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 431);
+    healthy(&app).await;
+}
