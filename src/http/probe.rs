@@ -81,7 +81,7 @@ pub(super) fn routes(
     let ws = warp::path!("v1" / "probe" / "ws")
         .and(warp::get())
         .and(on)
-        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and(super::ws::optional_ws())
         .and(with_state(state))
         .map(probe_ws);
     hold.or(stream).unify().or(echo).unify().or(ws).unify()
@@ -89,9 +89,7 @@ pub(super) fn routes(
 
 fn probe_ws(ws: Option<Ws>, state: AppState) -> Response {
     let Some(ws) = ws else {
-        return respond::<Response>(Err(ApiError::UpgradeRequired(
-            "this route needs a WebSocket upgrade; a proxy may have dropped the headers".into(),
-        )));
+        return super::ws::upgrade_required();
     };
     let ping = Duration::from_millis(state.config.ws_ping_ms);
     let life = Duration::from_millis(state.config.probe_max_hold_ms);

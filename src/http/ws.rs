@@ -56,7 +56,7 @@ pub(super) fn routes(
         .and(warp::get())
         .and(warp::query::<WsQuery>())
         .and(warp::header::optional::<String>("x-session-token"))
-        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and(optional_ws())
         .and(with_state(state))
         .then(upgrade)
 }
@@ -74,9 +74,7 @@ async fn upgrade(
         return respond::<Response>(Err(e.into()));
     }
     let Some(ws) = ws else {
-        return respond::<Response>(Err(ApiError::UpgradeRequired(
-            "this route needs a WebSocket upgrade (Connection: upgrade, Upgrade: websocket); a proxy may have dropped the headers".into(),
-        )));
+        return upgrade_required();
     };
     // Frames a little over the chunk limit get the HTTP route's 413 `chunk_too_large` as an
     // error frame; only frames past twice the limit end the socket (close 1009).
@@ -86,6 +84,20 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| serve(socket, id, token, after, state))
         .into_response()
+}
+
+/// The upgrade when the request asks for one; `None` for a plain request (answered with
+/// [`upgrade_required`]).
+pub(super) fn optional_ws(
+) -> impl Filter<Extract = (Option<Ws>,), Error = std::convert::Infallible> + Clone {
+    warp::ws().map(Some).or(warp::any().map(|| None)).unify()
+}
+
+/// 426 `upgrade_required`: a WebSocket route reached without the upgrade headers.
+pub(super) fn upgrade_required() -> Response {
+    respond::<Response>(Err(ApiError::UpgradeRequired(
+        "this route needs a WebSocket upgrade (Connection: upgrade, Upgrade: websocket); a proxy may have dropped the headers".into(),
+    )))
 }
 
 fn text(v: &Value) -> Message {

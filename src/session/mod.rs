@@ -418,6 +418,35 @@ struct State {
     ended_at_ms: Option<u64>,
 }
 
+impl State {
+    /// A running session's state around its ingest buffer and event log (empty for a new
+    /// session, rebuilt for a resumed one); every event in the log is visible.
+    fn running(
+        status: &'static str,
+        ingest: Ingest,
+        log: EventLog,
+        finals: BTreeMap<u32, Sentence>,
+        audio_ms: u64,
+        cfg: &Config,
+    ) -> Self {
+        Self {
+            visible: log.last_seq(),
+            rate: (2.0 * f64::from(cfg.max_chunks_per_s), Instant::now()),
+            status,
+            ingest,
+            log,
+            finals,
+            partial_shown: Default::default(),
+            audio_ms,
+            last_activity: Instant::now(),
+            cancel_requested: false,
+            end_reason: None,
+            updated_at_ms: now_ms(),
+            ended_at_ms: None,
+        }
+    }
+}
+
 /// One live session.
 pub struct Session {
     id: Uuid,
@@ -704,26 +733,18 @@ impl SessionManager {
             engine,
             created_at_ms: now,
             epoch: self.inner.epoch,
-            state: Mutex::new(State {
-                visible: 0,
-                rate: (2.0 * f64::from(cfg.max_chunks_per_s), Instant::now()),
-                status: "open",
-                ingest: Ingest::new(cfg.reorder_window, cfg.max_buffered_bytes),
-                log: EventLog::default(),
-                finals: BTreeMap::new(),
-                partial_shown: Default::default(),
-                audio_ms: 0,
-                last_activity: Instant::now(),
-                cancel_requested: false,
-                end_reason: None,
-                updated_at_ms: now,
-                ended_at_ms: None,
-            }),
+            state: Mutex::new(State::running(
+                "open",
+                Ingest::new(cfg.reorder_window, cfg.max_buffered_bytes),
+                EventLog::default(),
+                BTreeMap::new(),
+                0,
+                cfg,
+            )),
             wake: Notify::new(),
             log_tx: watch::Sender::new(0),
             cancel,
         });
-        self.sessions().insert(id, Arc::clone(&session));
         let worker = worker::Worker::new(
             self.clone(),
             Arc::clone(&session),
@@ -735,10 +756,7 @@ impl SessionManager {
             },
             decoder,
         );
-        self.inner.tasks.spawn(tracing::Instrument::instrument(
-            worker.run(),
-            tracing::info_span!("session", id = %id),
-        ));
+        self.start(session, worker);
         tracing::info!(session_id = %id, "session created");
         Ok(Created {
             session_id: id.to_string(),
@@ -1043,6 +1061,16 @@ impl SessionManager {
         {
             tracing::warn!("session workers did not stop within the grace period");
         }
+    }
+
+    /// Registers a session and runs its worker.
+    fn start(&self, session: Arc<Session>, worker: worker::Worker) {
+        let id = session.id;
+        self.sessions().insert(id, session);
+        self.inner.tasks.spawn(tracing::Instrument::instrument(
+            worker.run(),
+            tracing::info_span!("session", id = %id),
+        ));
     }
 
     fn remove(&self, id: &Uuid) {

@@ -18,7 +18,6 @@ use crate::store::SessionRecord;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -185,7 +184,6 @@ impl SessionManager {
         let stream = provider
             .open(&stream_opts, cancel.clone())
             .map_err(|e| e.to_string())?;
-        let now = now_ms();
         let status = if rec.status == "finishing" {
             "finishing"
         } else {
@@ -201,26 +199,18 @@ impl SessionManager {
             engine: rec.engine.clone(),
             created_at_ms: rec.created_at_ms,
             epoch: self.inner.epoch,
-            state: Mutex::new(State {
-                visible: last_seq,
-                rate: (2.0 * f64::from(cfg.max_chunks_per_s), Instant::now()),
+            state: Mutex::new(State::running(
                 status,
                 ingest,
                 log,
                 finals,
-                partial_shown: Default::default(),
-                audio_ms: decoder.audio_ms(),
-                last_activity: Instant::now(),
-                cancel_requested: false,
-                end_reason: None,
-                updated_at_ms: now,
-                ended_at_ms: None,
-            }),
+                decoder.audio_ms(),
+                cfg,
+            )),
             wake: Notify::new(),
             log_tx: watch::Sender::new(last_seq),
             cancel: CancellationToken::new(),
         });
-        self.sessions().insert(id, Arc::clone(&session));
         let worker = Worker::new(
             self.clone(),
             Arc::clone(&session),
@@ -233,10 +223,7 @@ impl SessionManager {
             decoder,
         )
         .resuming(replay, from_ms, next_sentence);
-        self.inner.tasks.spawn(tracing::Instrument::instrument(
-            worker.run(),
-            tracing::info_span!("session", id = %id),
-        ));
+        self.start(session, worker);
         tracing::info!(session_id = %id, replay_from_ms = from_ms, "session resumed");
         Ok(())
     }

@@ -128,9 +128,9 @@ impl Worker {
     /// end of the last final) is replayed into the new stream first; its results are numbered
     /// from `next_sentence`.
     pub(super) fn resuming(mut self, pcm: Vec<i16>, from_ms: u64, next_sentence: u32) -> Self {
-        self.replay.pcm = pcm;
         self.replay.start_ms = from_ms;
-        self.replay.offset_ms = from_ms;
+        self.replay.sent(&pcm); // keeps at most the last minute, moving start_ms
+        self.replay.offset_ms = self.replay.start_ms;
         self.replay.next_sentence = next_sentence;
         self.replay.sentence_base = next_sentence;
         self.replay.pass_through = false;
@@ -148,13 +148,7 @@ impl Worker {
                 ),
             ))
             .await;
-            let replay = std::mem::take(&mut self.replay.pcm);
-            for part in replay.chunks(16_000) {
-                self.replay.sent(part);
-                if !self.send(ProviderInput::Audio(part.to_vec())).await {
-                    break;
-                }
-            }
+            self.send_replay().await;
             self.feed(false).await;
         }
         let reason = self.main_loop().await;
@@ -429,18 +423,26 @@ impl Worker {
             &format!("the provider stream failed ({code}: {message}); reopened it (attempt {attempt} of {max}) and replayed the unfinished utterance"),
         ))
         .await;
+        if !self.send_replay().await {
+            return true;
+        }
+        if self.input_done {
+            self.send(ProviderInput::Finish).await;
+            self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
+        }
+        true
+    }
+
+    /// Sends the kept audio into the current stream in 1 s parts. False when the stream failed
+    /// at once (its events say so) or was reopened meanwhile (that reopen replayed it all).
+    async fn send_replay(&mut self) -> bool {
         let generation = self.replay.generation;
         let replay = self.replay.pcm.clone();
         for part in replay.chunks(16_000) {
             let sent = self.send(ProviderInput::Audio(part.to_vec())).await;
             if !sent || self.replay.generation != generation {
-                // Failed at once (its events say so) or reopened again (that replayed all).
-                return true;
+                return false;
             }
-        }
-        if self.input_done {
-            self.send(ProviderInput::Finish).await;
-            self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
         }
         true
     }

@@ -7,24 +7,12 @@ use std::time::Duration;
 
 const EXPECTED: &str = "今天天气很好，我们去公园散步吧。";
 
-/// Streams `bytes` in `chunk`-byte pieces (the last with `last=1`) and returns every event.
+/// A new session of `format` with `bytes` streamed in `chunk`-byte pieces; every event.
 async fn stream(app: &TestApp, format: &str, bytes: &[u8], chunk: usize) -> Vec<Value> {
     let s = app
         .create(json!({"format": format, "engine": "16k_zh"}))
         .await;
-    let pieces: Vec<&[u8]> = bytes.chunks(chunk).collect();
-    for (seq, piece) in pieces.iter().enumerate() {
-        let last = if seq + 1 == pieces.len() {
-            "&last=1"
-        } else {
-            ""
-        };
-        let (st, body) = app
-            .upload(&s, &format!("seq={seq}{last}"), piece.to_vec())
-            .await;
-        assert_eq!(st, 200, "chunk {seq}: {body}");
-    }
-    app.collect_until_end(&s, Duration::from_secs(60)).await
+    app.stream_bytes(&s, bytes, chunk).await
 }
 
 fn end(events: &[Value]) -> &Value {

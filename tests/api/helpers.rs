@@ -345,6 +345,24 @@ impl TestApp {
         all
     }
 
+    /// Uploads `bytes` as chunks of `chunk` bytes (the last with `last=1`), each answered 200,
+    /// and returns every event until `end`.
+    pub async fn stream_bytes(&self, s: &TestSession, bytes: &[u8], chunk: usize) -> Vec<Value> {
+        let pieces: Vec<&[u8]> = bytes.chunks(chunk).collect();
+        for (seq, piece) in pieces.iter().enumerate() {
+            let last = if seq + 1 == pieces.len() {
+                "&last=1"
+            } else {
+                ""
+            };
+            let (st, body) = self
+                .upload(s, &format!("seq={seq}{last}"), piece.to_vec())
+                .await;
+            assert_eq!(st, StatusCode::OK, "chunk {seq}: {body}");
+        }
+        self.collect_until_end(s, Duration::from_secs(60)).await
+    }
+
     /// Streams 16 kHz mono samples in `chunk_ms` chunks (paced to real time when `realtime`),
     /// the last one with `last=1`, and returns every event until `end`.
     pub async fn stream_pcm(

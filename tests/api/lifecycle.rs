@@ -164,9 +164,18 @@ async fn a_session_left_open_resumes_with_its_id_token_seq_and_cursor() {
     let s = app.create(json!({"provider": "echo"})).await;
     assert_eq!(app.upload(&s, "seq=0", vec![0u8; 3200]).await.0, 200);
     assert_eq!(app.upload(&s, "seq=1", vec![0u8; 1600]).await.0, 200);
-    let (_, first) = app.poll(&s, 0, 2000).await;
-    let cursor = first["next_cursor"].as_u64().unwrap();
-    assert!(cursor >= 1, "{first}");
+    // Wait until the first process has served (so stored) a final for each chunk: its worker
+    // keeps running in this test process after `abandon`, and must have nothing left to write.
+    let mut first = json!({"events": []});
+    let mut events_first: Vec<Value> = Vec::new();
+    let mut cursor = 0;
+    while events_first.iter().filter(|e| e["type"] == "final").count() < 2 {
+        let (_, page) = app.poll(&s, cursor, 2000).await;
+        events_first.extend(page["events"].as_array().unwrap().iter().cloned());
+        cursor = page["next_cursor"].as_u64().unwrap();
+        first = page;
+    }
+    first["events"] = Value::Array(events_first);
     let epoch_before = first["epoch"].as_u64().unwrap();
     app.abandon();
     // Second process on the same database.

@@ -216,19 +216,6 @@ async fn tencent_bridges_client_stalls_and_keeps_client_times() {
     assert!((2_400..=2_560).contains(&end1), "end {end1}");
 }
 
-/// Streams a file's bytes as a session's chunks (`chunk` bytes each, the last with `last=1`).
-async fn stream_file(app: &TestApp, s: &TestSession, bytes: &[u8], chunk: usize) -> Vec<Value> {
-    let pieces: Vec<&[u8]> = bytes.chunks(chunk).collect();
-    for (i, piece) in pieces.iter().enumerate() {
-        let last = if i + 1 == pieces.len() { "&last=1" } else { "" };
-        let (st, b) = app
-            .upload(s, &format!("seq={i}{last}"), piece.to_vec())
-            .await;
-        assert_eq!(st, StatusCode::OK, "{b}");
-    }
-    app.collect_until_end(s, Duration::from_secs(60)).await
-}
-
 #[tokio::test]
 async fn tencent_takes_mp3_and_aac_frames_as_recorded() {
     let rt = FakeTencent::start(Behavior::default()).await;
@@ -247,7 +234,7 @@ async fn tencent_takes_mp3_and_aac_frames_as_recorded() {
         let s = app
             .create(json!({"provider": "tencent", "format": format, "sample_rate": 16000, "channels": 1}))
             .await;
-        let events = stream_file(&app, &s, bytes, 1000).await;
+        let events = app.stream_bytes(&s, bytes, 1000).await;
         assert_eq!(end_reason(&events), "finished", "{format}: {events:?}");
         assert!(
             !finals(&events).is_empty(),
@@ -282,7 +269,7 @@ async fn tencent_decodes_compressed_audio_it_cannot_take_as_recorded() {
             json!({"provider": "tencent", "format": "mp3", "sample_rate": 44100, "channels": 2}),
         )
         .await;
-    let events = stream_file(&app, &s, &stereo, 1000).await;
+    let events = app.stream_bytes(&s, &stereo, 1000).await;
     assert_eq!(end_reason(&events), "finished", "{events:?}");
     let c = rt.conns().pop().expect("a connection");
     assert_eq!(c.params["voice_format"], "1");
