@@ -210,10 +210,7 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
         "before the crash (cursor {cursor}): {seen:?}\nafter: {rest:?}"
     );
     seen.extend(rest);
-    let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    for w in seqs.windows(2) {
-        assert!(w[1] > w[0], "ascending, no repeats: {seqs:?}");
-    }
+    assert_seqs_ascending(&seen, "ascending, no repeats");
     let finals: Vec<u64> = seen
         .iter()
         .filter(|e| e["type"] == "final" && e["text"] != "")

@@ -478,3 +478,23 @@ pub fn zh_cer(reference: &str, hyp: &str) -> f64 {
 pub fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(root().join("tests/fixtures").join(rel)).expect("fixture")
 }
+
+/// Event seqs in the order received.
+pub fn event_seqs(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+/// Asserts the seqs are 1, 2, 3, … (in order, no gap, no repeat).
+pub fn assert_seqs_contiguous(events: &[Value], ctx: &str) {
+    let seqs = event_seqs(events);
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{ctx}");
+}
+
+/// Asserts the seqs strictly ascend (no repeat; gaps allowed, as after a restart).
+pub fn assert_seqs_ascending(events: &[Value], ctx: &str) {
+    let seqs = event_seqs(events);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ctx}: {seqs:?}");
+}

@@ -206,8 +206,7 @@ async fn a_session_left_open_resumes_with_its_id_token_seq_and_cursor() {
     }
     // Ascending, no repeats; after the restart seqs continue above any the first process could
     // have handed out (a block is reserved ahead), so there is a gap.
-    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    assert_seqs_ascending(&events, "after the resume");
     assert!(events.iter().any(|e| e["code"] == "session_resumed"));
     let finals: Vec<&str> = events
         .iter()

@@ -49,12 +49,7 @@ async fn chunks_are_reassembled_in_seq_order() {
         texts(&events),
         vec!["1 samples", "2 samples", "3 samples", "4 samples"]
     );
-    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "event seqs ascend by one"
-    );
+    assert_seqs_contiguous(&events, "event seqs ascend by one");
     assert_eq!(events.last().unwrap()["reason"], "finished");
 }
 

@@ -352,12 +352,7 @@ async fn a_dropped_provider_stream_is_reopened_and_the_unfinished_utterance_repl
         .expect("a warning");
     assert_eq!(warn["code"], "provider_reconnected");
     assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
-    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "no gaps, no repeats"
-    );
+    assert_seqs_contiguous(&events, "no gaps, no repeats");
     let (a, b) = (final_shape(&clean), final_shape(&events));
     assert_eq!(
         a.len(),
@@ -948,8 +943,7 @@ async fn conformance_every_provider_gives_the_same_event_stream_shape() {
         let ctx = format!("{provider}: {events:?}");
         assert_eq!(end_reason(&events), "finished", "{ctx}");
         assert!(events.iter().all(|e| e["type"] != "error"), "{ctx}");
-        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ctx}");
+        assert_seqs_ascending(&events, &ctx);
         let f = finals(&events);
         assert!(f.len() >= 2, "two sentences at least: {ctx}");
         let mut last_end = 0;

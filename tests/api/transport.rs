@@ -97,15 +97,7 @@ async fn websocket_carries_chunks_acks_and_events_then_closes() {
     assert_eq!(closed, Some(Some(1000)));
     assert_eq!(acks.len(), 2);
     assert_eq!(acks[1]["acked_seq"], 1);
-    let seqs: Vec<u64> = events
-        .iter()
-        .map(|e| e["seq"].as_u64().expect("seq"))
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "in order, no gaps"
-    );
+    assert_seqs_contiguous(&events, "in order, no gaps");
     assert_eq!(events[0]["text"], "1600 samples");
     assert_eq!(events[1]["text"], "800 samples");
     assert_eq!(events.last().expect("end")["type"], "end");
@@ -152,15 +144,7 @@ async fn switching_transport_mid_stream_loses_and_duplicates_nothing() {
             }
         }
     }
-    let seqs: Vec<u64> = seen
-        .iter()
-        .map(|e| e["seq"].as_u64().expect("seq"))
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "{seen:?}"
-    );
+    assert_seqs_contiguous(&seen, &format!("{seen:?}"));
     let texts: Vec<&str> = seen
         .iter()
         .filter(|e| e["type"] == "final")
