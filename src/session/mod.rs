@@ -306,6 +306,18 @@ pub struct UploadAck {
     pub duplicate: bool,
 }
 
+impl Sentence {
+    /// The sentence a final event states.
+    fn of(ev: &Event) -> Self {
+        Self {
+            sentence: ev.sentence,
+            text: ev.text.clone(),
+            start_ms: ev.start_ms,
+            end_ms: ev.end_ms,
+        }
+    }
+}
+
 /// Answer to a poll.
 #[derive(Debug, Clone, Serialize)]
 pub struct PollResult {
@@ -500,15 +512,7 @@ impl Session {
                     return None;
                 }
                 if !ev.text.is_empty() {
-                    st.finals.insert(
-                        ev.sentence,
-                        Sentence {
-                            sentence: ev.sentence,
-                            text: ev.text.clone(),
-                            start_ms: ev.start_ms,
-                            end_ms: ev.end_ms,
-                        },
-                    );
+                    st.finals.insert(ev.sentence, Sentence::of(&ev));
                 }
             }
             _ => {}

@@ -138,32 +138,16 @@ impl SessionManager {
         {
             events.push(serde_json::from_str::<Event>(&e.json).map_err(|e| e.to_string())?);
         }
-        let mut finals = BTreeMap::new();
+        // Finals rebuild the transcript and say where the replay starts and how sentences
+        // continue.
+        let (mut finals, mut last_end, mut next_sentence) = (BTreeMap::new(), 0, 0);
         for e in events.iter().filter(|e| e.kind == EventKind::Final) {
+            last_end = last_end.max(e.end_ms);
+            next_sentence = next_sentence.max(e.sentence.saturating_add(1));
             if !e.text.is_empty() {
-                finals.insert(
-                    e.sentence,
-                    Sentence {
-                        sentence: e.sentence,
-                        text: e.text.clone(),
-                        start_ms: e.start_ms,
-                        end_ms: e.end_ms,
-                    },
-                );
+                finals.insert(e.sentence, Sentence::of(e));
             }
         }
-        let last_end = events
-            .iter()
-            .filter(|e| e.kind == EventKind::Final)
-            .map(|e| e.end_ms)
-            .max()
-            .unwrap_or(0);
-        let next_sentence = events
-            .iter()
-            .filter(|e| e.kind == EventKind::Final)
-            .map(|e| e.sentence + 1)
-            .max()
-            .unwrap_or(0);
         let reserved = self
             .inner
             .store
