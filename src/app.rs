@@ -3,10 +3,12 @@
 
 use crate::config::Config;
 use crate::http::AppState;
+use crate::oneshot::Recognizer;
 use crate::provider::embedded::{EmbeddedProvider, EmbeddedSettings};
+use crate::provider::registry::{self, Providers};
 use crate::provider::whisper::WhisperEngine;
-use crate::provider::{registry, Provider};
-use crate::session::{Providers, SessionManager};
+use crate::provider::Provider;
+use crate::session::{SessionLimits, SessionManager};
 use crate::store::sqlite::Db;
 use anyhow::Context;
 use std::collections::HashMap;
@@ -101,8 +103,14 @@ pub async fn build_with_providers(
         by_name,
     };
     let db = Arc::new(db);
+    let recognizer = Recognizer::new(
+        providers.clone(),
+        Arc::clone(&db) as Arc<dyn crate::store::HistoryStore>,
+        config.max_recognize_audio_ms,
+        config.max_recognize_concurrent,
+    );
     let sessions = SessionManager::new(
-        Arc::clone(&config),
+        SessionLimits::from(&*config),
         Arc::clone(&db) as Arc<dyn crate::store::SessionStore>,
         providers,
         shutdown.clone(),
@@ -134,6 +142,7 @@ pub async fn build_with_providers(
         config,
         sessions,
         history: db,
+        recognizer,
         auth: Arc::new(auth),
     })
 }
@@ -151,7 +160,7 @@ fn spawn_purge(config: Arc<Config>, db: Arc<Db>, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let cutoff = crate::session::now_ms().saturating_sub(config.history_retention_ms);
+            let cutoff = crate::clock::now_ms().saturating_sub(config.history_retention_ms);
             match crate::store::HistoryStore::purge(&*db, cutoff).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "history past retention purged"),

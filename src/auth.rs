@@ -12,32 +12,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::secret::Secret;
+
 /// Most clock skew the server may be told to accept, in seconds.
 pub const MAX_LEEWAY_S: u64 = 300;
-
-/// A secret from the environment: `Debug` never shows it.
-#[derive(Clone, Default)]
-pub struct SecretString(String);
-
-impl SecretString {
-    /// The value, for verification only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::str::FromStr for SecretString {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
-    }
-}
 
 /// The JWT claims voxpoll reads.
 #[derive(Debug, Deserialize)]
@@ -73,7 +51,7 @@ impl std::fmt::Debug for Authenticator {
 #[derive(Debug, Clone, Default)]
 pub struct AuthSettings {
     /// HS256 shared secret.
-    pub jwt_hs256_secret: Option<SecretString>,
+    pub jwt_hs256_secret: Option<Secret>,
     /// RS256 public key, PEM.
     pub jwt_rs256_public_key_pem: Option<String>,
     /// Required `aud`, when set.
@@ -81,7 +59,7 @@ pub struct AuthSettings {
     /// Clock skew accepted on `exp`/`nbf`, seconds (≤ [`MAX_LEEWAY_S`]).
     pub jwt_leeway_s: u64,
     /// `user:key` pairs, comma-separated.
-    pub api_keys: Option<SecretString>,
+    pub api_keys: Option<Secret>,
 }
 
 impl Authenticator {

@@ -25,62 +25,62 @@ pub struct Config {
     pub model: PathBuf,
 
     /// Default long-poll hold when the client gives no `wait_ms`, in ms.
-    #[arg(long, env = "VOXPOLL_POLL_HOLD_MS", default_value_t = 25_000)]
+    #[arg(long, env = "VOXPOLL_POLL_HOLD_MS", default_value_t = defaults::POLL_HOLD_MS)]
     pub poll_hold_ms: u64,
 
     /// Longest hold a client may ask for, in ms. Keep it below the shortest proxy or client
     /// timeout on the path (wx.request caps at 60 s; callContainer at 15 s).
-    #[arg(long, env = "VOXPOLL_POLL_MAX_HOLD_MS", default_value_t = 50_000)]
+    #[arg(long, env = "VOXPOLL_POLL_MAX_HOLD_MS", default_value_t = defaults::POLL_MAX_HOLD_MS)]
     pub poll_max_hold_ms: u64,
 
     /// Largest audio chunk body, in bytes (callContainer caps requests at 100 KB).
-    #[arg(long, env = "VOXPOLL_MAX_CHUNK_BYTES", default_value_t = 96 * 1024)]
+    #[arg(long, env = "VOXPOLL_MAX_CHUNK_BYTES", default_value_t = defaults::MAX_CHUNK_BYTES)]
     pub max_chunk_bytes: usize,
 
     /// Chunk size advertised to clients, in bytes: 8192 is 256 ms of 16 kHz mono s16, small
     /// enough for partials to move, large enough to keep the request rate low.
-    #[arg(long, env = "VOXPOLL_CHUNK_BYTES", default_value_t = 8192)]
+    #[arg(long, env = "VOXPOLL_CHUNK_BYTES", default_value_t = defaults::CHUNK_BYTES)]
     pub chunk_bytes: usize,
 
     /// Chunk uploads a session may make per second (retries and duplicates count), with bursts
     /// of twice that; beyond it 429 `rate_limited`. A recording client sends about 4 per second.
-    #[arg(long, env = "VOXPOLL_MAX_CHUNKS_PER_S", default_value_t = 50)]
+    #[arg(long, env = "VOXPOLL_MAX_CHUNKS_PER_S", default_value_t = defaults::MAX_CHUNKS_PER_S)]
     pub max_chunks_per_s: u32,
 
     /// Chunk uploads a client should keep in flight at once (advertised; wx allows 10 requests).
-    #[arg(long, env = "VOXPOLL_MAX_INFLIGHT", default_value_t = 2)]
+    #[arg(long, env = "VOXPOLL_MAX_INFLIGHT", default_value_t = defaults::MAX_INFLIGHT)]
     pub max_inflight: u32,
 
     /// Reorder window in chunks: a chunk up to this many seqs ahead of the next expected one is
     /// buffered; further ahead is rejected with 409 `seq_out_of_window`.
-    #[arg(long, env = "VOXPOLL_REORDER_WINDOW", default_value_t = 16)]
+    #[arg(long, env = "VOXPOLL_REORDER_WINDOW", default_value_t = defaults::REORDER_WINDOW)]
     pub reorder_window: u64,
 
     /// Audio bytes a session may hold accepted but not yet consumed by its provider; beyond it
     /// uploads get 429 `backpressure`.
-    #[arg(long, env = "VOXPOLL_MAX_BUFFERED_BYTES", default_value_t = 2 * 1024 * 1024)]
+    #[arg(long, env = "VOXPOLL_MAX_BUFFERED_BYTES", default_value_t = defaults::MAX_BUFFERED_BYTES)]
     pub max_buffered_bytes: usize,
 
     /// Sessions open at once on this instance; beyond it creation gets 429.
-    #[arg(long, env = "VOXPOLL_MAX_SESSIONS", default_value_t = 64)]
+    #[arg(long, env = "VOXPOLL_MAX_SESSIONS", default_value_t = defaults::MAX_SESSIONS)]
     pub max_sessions: usize,
 
     /// A session with no upload and no poll for this long expires, in ms. Mini-programs pause
     /// for 5-60 s when sent to the background.
-    #[arg(long, env = "VOXPOLL_SESSION_IDLE_MS", default_value_t = 60_000)]
+    #[arg(long, env = "VOXPOLL_SESSION_IDLE_MS", default_value_t = defaults::SESSION_IDLE_MS)]
     pub session_idle_ms: u64,
 
     /// Longest audio a session may carry, in ms (RecorderManager's own cap is 600 s).
-    #[arg(long, env = "VOXPOLL_SESSION_MAX_AUDIO_MS", default_value_t = 600_000)]
+    #[arg(long, env = "VOXPOLL_SESSION_MAX_AUDIO_MS", default_value_t = defaults::SESSION_MAX_AUDIO_MS)]
     pub session_max_audio_ms: u64,
 
     /// How long an ended session stays in memory for late polls, in ms; afterwards its finals
     /// and end event are served from the database.
-    #[arg(long, env = "VOXPOLL_SESSION_LINGER_MS", default_value_t = 120_000)]
+    #[arg(long, env = "VOXPOLL_SESSION_LINGER_MS", default_value_t = defaults::SESSION_LINGER_MS)]
     pub session_linger_ms: u64,
 
     /// Largest JSON request body, in bytes.
-    #[arg(long, env = "VOXPOLL_MAX_JSON_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "VOXPOLL_MAX_JSON_BYTES", default_value_t = defaults::MAX_JSON_BYTES)]
     pub max_json_bytes: u64,
 
     /// Decode workers for the embedded engine (each holds one whisper state).
@@ -88,19 +88,19 @@ pub struct Config {
     pub decode_workers: usize,
 
     /// CPU threads per decode.
-    #[arg(long, env = "VOXPOLL_DECODE_THREADS", default_value_t = 1)]
+    #[arg(long, env = "VOXPOLL_DECODE_THREADS", default_value_t = defaults::DECODE_THREADS)]
     pub decode_threads: usize,
 
     /// Audio between two partial re-decodes of the current utterance, in ms.
-    #[arg(long, env = "VOXPOLL_PARTIAL_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "VOXPOLL_PARTIAL_INTERVAL_MS", default_value_t = defaults::PARTIAL_INTERVAL_MS)]
     pub partial_interval_ms: u64,
 
     /// Non-speech that ends an utterance, in ms (a session's `vad_silence_ms` overrides it).
-    #[arg(long, env = "VOXPOLL_VAD_SILENCE_MS", default_value_t = 600)]
+    #[arg(long, env = "VOXPOLL_VAD_SILENCE_MS", default_value_t = defaults::VAD_SILENCE_MS)]
     pub vad_silence_ms: u64,
 
     /// Time to let sessions finish on shutdown before they are recorded as failed, in ms.
-    #[arg(long, env = "VOXPOLL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    #[arg(long, env = "VOXPOLL_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
 
     /// Providers file (JSON array of named Tencent / OpenAI-compatible / FunASR providers; see
@@ -109,48 +109,52 @@ pub struct Config {
     pub providers: Option<PathBuf>,
 
     /// Provider a session or one-shot request gets when it names none.
-    #[arg(long, env = "VOXPOLL_DEFAULT_PROVIDER", default_value = "embedded")]
+    #[arg(long, env = "VOXPOLL_DEFAULT_PROVIDER", default_value = defaults::DEFAULT_PROVIDER)]
     pub default_provider: String,
 
     /// Largest one-shot upload (`/v1/recognize`, `/api/realtime-voice/recognize`), in bytes.
-    #[arg(long, env = "VOXPOLL_MAX_UPLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
+    #[arg(long, env = "VOXPOLL_MAX_UPLOAD_BYTES", default_value_t = defaults::MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: u64,
 
     /// Longest audio a one-shot request may carry, in ms.
     #[arg(
         long,
         env = "VOXPOLL_MAX_RECOGNIZE_AUDIO_MS",
-        default_value_t = 600_000
-    )]
+        default_value_t = defaults::MAX_RECOGNIZE_AUDIO_MS)]
     pub max_recognize_audio_ms: u64,
 
+    /// One-shot recognitions decoding or recognising at once; beyond it 429
+    /// `too_many_recognitions` (each holds its decoded audio and a decode slot).
+    #[arg(long, env = "VOXPOLL_MAX_RECOGNIZE_CONCURRENT", default_value_t = defaults::MAX_RECOGNIZE_CONCURRENT)]
+    pub max_recognize_concurrent: usize,
+
     /// How long ended sessions and one-shot recognitions stay in history, in ms (0 = forever).
-    #[arg(long, env = "VOXPOLL_HISTORY_RETENTION_MS", default_value_t = 30 * 24 * 3_600_000)]
+    #[arg(long, env = "VOXPOLL_HISTORY_RETENTION_MS", default_value_t = defaults::HISTORY_RETENTION_MS)]
     pub history_retention_ms: u64,
 
     /// How often the purge task deletes history past retention, in ms.
-    #[arg(long, env = "VOXPOLL_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
+    #[arg(long, env = "VOXPOLL_PURGE_INTERVAL_MS", default_value_t = defaults::PURGE_INTERVAL_MS)]
     pub purge_interval_ms: u64,
 
     /// Times a session reopens a failed provider stream (dropped socket, timeout, upstream
     /// unavailable or internal error) and replays the unfinished utterance before it gives up
     /// with an `error` and `end: failed`. Counted per failure streak: a final result resets it.
-    #[arg(long, env = "VOXPOLL_PROVIDER_RETRIES", default_value_t = 3)]
+    #[arg(long, env = "VOXPOLL_PROVIDER_RETRIES", default_value_t = defaults::PROVIDER_RETRIES)]
     pub provider_retries: u32,
 
     /// First backoff before reopening a failed provider stream, in ms; doubles per attempt.
-    #[arg(long, env = "VOXPOLL_PROVIDER_BACKOFF_MS", default_value_t = 250)]
+    #[arg(long, env = "VOXPOLL_PROVIDER_BACKOFF_MS", default_value_t = defaults::PROVIDER_BACKOFF_MS)]
     pub provider_backoff_ms: u64,
 
     /// Sessions one authenticated user may have open at once; beyond it creation gets 429
     /// `too_many_sessions`. (With auth off only `max_sessions` applies.)
-    #[arg(long, env = "VOXPOLL_MAX_SESSIONS_PER_USER", default_value_t = 4)]
+    #[arg(long, env = "VOXPOLL_MAX_SESSIONS_PER_USER", default_value_t = defaults::MAX_SESSIONS_PER_USER)]
     pub max_sessions_per_user: usize,
 
     /// HS256 secret for caller JWTs (set it in the environment, not on the command line).
     /// Setting any of the JWT keys or API keys turns auth on.
     #[arg(long, env = "VOXPOLL_JWT_HS256_SECRET", hide_env_values = true)]
-    pub jwt_hs256_secret: Option<crate::auth::SecretString>,
+    pub jwt_hs256_secret: Option<crate::secret::Secret>,
 
     /// PEM file with the RS256 public key for caller JWTs.
     #[arg(long, env = "VOXPOLL_JWT_RS256_PUBLIC_KEY")]
@@ -161,13 +165,13 @@ pub struct Config {
     pub jwt_audience: Option<String>,
 
     /// Clock skew accepted on `exp` and `nbf`, in seconds (at most 300).
-    #[arg(long, env = "VOXPOLL_JWT_LEEWAY_S", default_value_t = 60)]
+    #[arg(long, env = "VOXPOLL_JWT_LEEWAY_S", default_value_t = defaults::JWT_LEEWAY_S)]
     pub jwt_leeway_s: u64,
 
     /// Static API keys, `user:key` pairs separated by commas (keys ≥ 16 characters), sent as
     /// `X-Api-Key` (set it in the environment).
     #[arg(long, env = "VOXPOLL_API_KEYS", hide_env_values = true)]
-    pub api_keys: Option<crate::auth::SecretString>,
+    pub api_keys: Option<crate::secret::Secret>,
 
     /// Origins allowed to call from browsers (H5 pages), comma-separated, e.g.
     /// `https://h5.example.com`. Empty: no CORS headers; requests with another `Origin` get 403.
@@ -176,36 +180,74 @@ pub struct Config {
 
     /// A client must send its request headers within this time, in ms (slow-header clients are
     /// cut off).
-    #[arg(long, env = "VOXPOLL_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "VOXPOLL_HEADER_READ_TIMEOUT_MS", default_value_t = defaults::HEADER_READ_TIMEOUT_MS)]
     pub header_read_timeout_ms: u64,
 
     /// Largest request header section, in bytes (all names and values); beyond it 431
     /// `headers_too_large`.
-    #[arg(long, env = "VOXPOLL_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    #[arg(long, env = "VOXPOLL_MAX_HEADER_BYTES", default_value_t = defaults::MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
 
     /// Most request headers; beyond it 431 `headers_too_large`.
-    #[arg(long, env = "VOXPOLL_MAX_HEADERS", default_value_t = 64)]
+    #[arg(long, env = "VOXPOLL_MAX_HEADERS", default_value_t = defaults::MAX_HEADERS)]
     pub max_headers: usize,
 
     /// Longest a request body may take to arrive, in ms; beyond it 408 `request_timeout` (a
     /// client trickling a body cannot hold the connection).
-    #[arg(long, env = "VOXPOLL_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "VOXPOLL_REQUEST_TIMEOUT_MS", default_value_t = defaults::REQUEST_TIMEOUT_MS)]
     pub request_timeout_ms: u64,
 
     /// WebSocket transport: interval of server pings, in ms. Keeps proxies with a read timeout
     /// (nginx `proxy_read_timeout` 60 s, 15 s on some gateways) from cutting a quiet socket.
-    #[arg(long, env = "VOXPOLL_WS_PING_MS", default_value_t = 10_000)]
+    #[arg(long, env = "VOXPOLL_WS_PING_MS", default_value_t = defaults::WS_PING_MS)]
     pub ws_ping_ms: u64,
 
     /// Longest hold `GET /v1/probe/hold` grants `voxpoll doctor`, in ms (0 disables the
     /// `/v1/probe/*` routes).
-    #[arg(long, env = "VOXPOLL_PROBE_MAX_HOLD_MS", default_value_t = 70_000)]
+    #[arg(long, env = "VOXPOLL_PROBE_MAX_HOLD_MS", default_value_t = defaults::PROBE_MAX_HOLD_MS)]
     pub probe_max_hold_ms: u64,
 
     /// Largest body `POST /v1/probe/echo` reads, in bytes (doctor's body-size probe).
-    #[arg(long, env = "VOXPOLL_PROBE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "VOXPOLL_PROBE_MAX_BODY_BYTES", default_value_t = defaults::PROBE_MAX_BODY_BYTES)]
     pub probe_max_body_bytes: u64,
+}
+
+/// Every default, named once: the flags above and [`Config::loopback`] both read them.
+mod defaults {
+    pub const DEFAULT_PROVIDER: &str = "embedded";
+    pub const POLL_HOLD_MS: u64 = 25_000;
+    pub const POLL_MAX_HOLD_MS: u64 = 50_000;
+    pub const MAX_CHUNK_BYTES: usize = 96 * 1024;
+    pub const CHUNK_BYTES: usize = 8192;
+    pub const MAX_CHUNKS_PER_S: u32 = 50;
+    pub const MAX_INFLIGHT: u32 = 2;
+    pub const REORDER_WINDOW: u64 = 16;
+    pub const MAX_BUFFERED_BYTES: usize = 2 * 1024 * 1024;
+    pub const MAX_SESSIONS: usize = 64;
+    pub const SESSION_IDLE_MS: u64 = 60_000;
+    pub const SESSION_MAX_AUDIO_MS: u64 = 600_000;
+    pub const SESSION_LINGER_MS: u64 = 120_000;
+    pub const MAX_JSON_BYTES: u64 = 64 * 1024;
+    pub const DECODE_THREADS: usize = 1;
+    pub const PARTIAL_INTERVAL_MS: u64 = 1000;
+    pub const VAD_SILENCE_MS: u64 = 600;
+    pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
+    pub const MAX_UPLOAD_BYTES: u64 = 10 * 1024 * 1024;
+    pub const MAX_RECOGNIZE_AUDIO_MS: u64 = 600_000;
+    pub const MAX_RECOGNIZE_CONCURRENT: usize = 4;
+    pub const HISTORY_RETENTION_MS: u64 = 30 * 24 * 3_600_000;
+    pub const PURGE_INTERVAL_MS: u64 = 3_600_000;
+    pub const PROVIDER_RETRIES: u32 = 3;
+    pub const PROVIDER_BACKOFF_MS: u64 = 250;
+    pub const MAX_SESSIONS_PER_USER: usize = 4;
+    pub const JWT_LEEWAY_S: u64 = 60;
+    pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    pub const MAX_HEADERS: usize = 64;
+    pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+    pub const WS_PING_MS: u64 = 10_000;
+    pub const PROBE_MAX_HOLD_MS: u64 = 70_000;
+    pub const PROBE_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 }
 
 fn default_workers() -> usize {
@@ -230,51 +272,53 @@ impl Config {
     /// Defaults on loopback port 0 with the given database file, reading no environment: the
     /// in-process server of `voxpoll transcribe` and the test harness use it.
     pub fn loopback(db: PathBuf) -> Self {
+        use defaults::*;
         Self {
             host: IpAddr::from([127, 0, 0, 1]),
             port: Some(0),
             db,
             model: default_model_path(),
-            poll_hold_ms: 25_000,
-            poll_max_hold_ms: 50_000,
-            max_chunk_bytes: 96 * 1024,
-            chunk_bytes: 8192,
-            max_chunks_per_s: 50,
-            max_inflight: 2,
-            reorder_window: 16,
-            max_buffered_bytes: 2 * 1024 * 1024,
-            max_sessions: 64,
-            session_idle_ms: 60_000,
-            session_max_audio_ms: 600_000,
-            session_linger_ms: 120_000,
-            max_json_bytes: 64 * 1024,
             decode_workers: default_workers(),
-            decode_threads: 1,
-            partial_interval_ms: 1000,
-            vad_silence_ms: 600,
-            shutdown_grace_ms: 10_000,
             providers: None,
-            default_provider: "embedded".into(),
-            max_upload_bytes: 10 * 1024 * 1024,
-            max_recognize_audio_ms: 600_000,
-            history_retention_ms: 30 * 24 * 3_600_000,
-            purge_interval_ms: 3_600_000,
-            provider_retries: 3,
-            provider_backoff_ms: 250,
-            max_sessions_per_user: 4,
+            default_provider: DEFAULT_PROVIDER.into(),
             jwt_hs256_secret: None,
             jwt_rs256_public_key: None,
             jwt_audience: None,
-            jwt_leeway_s: 60,
             api_keys: None,
             cors_origins: Vec::new(),
-            header_read_timeout_ms: 10_000,
-            max_header_bytes: 16 * 1024,
-            max_headers: 64,
-            request_timeout_ms: 30_000,
-            ws_ping_ms: 10_000,
-            probe_max_hold_ms: 70_000,
-            probe_max_body_bytes: 4 * 1024 * 1024,
+            poll_hold_ms: POLL_HOLD_MS,
+            poll_max_hold_ms: POLL_MAX_HOLD_MS,
+            max_chunk_bytes: MAX_CHUNK_BYTES,
+            chunk_bytes: CHUNK_BYTES,
+            max_chunks_per_s: MAX_CHUNKS_PER_S,
+            max_inflight: MAX_INFLIGHT,
+            reorder_window: REORDER_WINDOW,
+            max_buffered_bytes: MAX_BUFFERED_BYTES,
+            max_sessions: MAX_SESSIONS,
+            session_idle_ms: SESSION_IDLE_MS,
+            session_max_audio_ms: SESSION_MAX_AUDIO_MS,
+            session_linger_ms: SESSION_LINGER_MS,
+            max_json_bytes: MAX_JSON_BYTES,
+            decode_threads: DECODE_THREADS,
+            partial_interval_ms: PARTIAL_INTERVAL_MS,
+            vad_silence_ms: VAD_SILENCE_MS,
+            shutdown_grace_ms: SHUTDOWN_GRACE_MS,
+            max_upload_bytes: MAX_UPLOAD_BYTES,
+            max_recognize_audio_ms: MAX_RECOGNIZE_AUDIO_MS,
+            max_recognize_concurrent: MAX_RECOGNIZE_CONCURRENT,
+            history_retention_ms: HISTORY_RETENTION_MS,
+            purge_interval_ms: PURGE_INTERVAL_MS,
+            provider_retries: PROVIDER_RETRIES,
+            provider_backoff_ms: PROVIDER_BACKOFF_MS,
+            max_sessions_per_user: MAX_SESSIONS_PER_USER,
+            jwt_leeway_s: JWT_LEEWAY_S,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS,
+            max_header_bytes: MAX_HEADER_BYTES,
+            max_headers: MAX_HEADERS,
+            request_timeout_ms: REQUEST_TIMEOUT_MS,
+            ws_ping_ms: WS_PING_MS,
+            probe_max_hold_ms: PROBE_MAX_HOLD_MS,
+            probe_max_body_bytes: PROBE_MAX_BODY_BYTES,
         }
     }
 
@@ -329,6 +373,10 @@ impl Config {
         anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
         anyhow::ensure!(self.max_upload_bytes > 0, "--max-upload-bytes must be > 0");
         anyhow::ensure!(
+            self.max_recognize_concurrent > 0,
+            "--max-recognize-concurrent must be > 0"
+        );
+        anyhow::ensure!(
             self.purge_interval_ms > 0,
             "--purge-interval-ms must be > 0"
         );
@@ -343,5 +391,30 @@ impl Config {
     /// [`Config::poll_max_hold_ms`] as a duration.
     pub fn poll_max_hold(&self) -> Duration {
         Duration::from_millis(self.poll_max_hold_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn the_flags_and_the_loopback_config_share_their_defaults() {
+        if std::env::vars().any(|(k, _)| k.starts_with("VOXPOLL_")) {
+            return; // the environment sets options: the comparison would not be of defaults
+        }
+        let mut flags = Cli::try_parse_from(["voxpoll"]).unwrap().config;
+        let loopback = Config::loopback(flags.db.clone());
+        flags.host = loopback.host;
+        flags.port = loopback.port;
+        assert_eq!(format!("{flags:?}"), format!("{loopback:?}"));
+        flags.validate().unwrap();
     }
 }

@@ -1,6 +1,13 @@
 //! The one error type handlers return, and its single mapping to HTTP: a status plus
-//! `{"error": {"code": "snake_case", "message": "..."}}` (shared/api.md, Conventions).
+//! `{"error": {"code": "snake_case", "message": "..."}}` (shared/api.md, Conventions). Every
+//! domain error (session engine, providers, one-shot recognition, storage) becomes an
+//! [`ApiError`] here and nowhere else, so all transports answer alike.
 
+use crate::oneshot::OneShotError;
+use crate::provider::ProviderError;
+use crate::session::ingest::IngestError;
+use crate::session::{InvalidOption, SessionError};
+use crate::store::StoreError;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
@@ -115,6 +122,10 @@ pub enum ApiError {
     /// 431 `headers_too_large`: over `max_header_bytes` or `max_headers`.
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// 503 `store_unavailable` with `Retry-After`: the database failed (locked, disk full,
+    /// gone); nothing the request carried was acknowledged, so a retry is safe.
+    #[error("the session store is unavailable; retry shortly")]
+    StoreUnavailable(#[source] StoreError),
     /// 500: logged once here with its cause chain; the client sees an opaque message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -149,7 +160,17 @@ impl ApiError {
             Self::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, sent as `Retry-After`.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Self::TooBusy { retry_after_s, .. } => Some(*retry_after_s),
+            Self::StoreUnavailable(_) => Some(RETRY_UPLOAD_S),
+            _ => None,
         }
     }
 
@@ -173,6 +194,7 @@ impl ApiError {
             Self::UpgradeRequired(_) => "upgrade_required",
             Self::RequestTimeout(_) => "request_timeout",
             Self::HeadersTooLarge(_) => "headers_too_large",
+            Self::StoreUnavailable(_) => "store_unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -189,6 +211,9 @@ impl Reply for ApiError {
         if let Self::Internal(e) = &self {
             tracing::error!(error = %e, cause_chain = ?e, "internal error");
         }
+        if let Self::StoreUnavailable(e) = &self {
+            tracing::error!(error = %e, cause = ?e, "store unavailable");
+        }
         let mut body = serde_json::json!({
             "error": { "code": self.code(), "message": self.to_string() }
         });
@@ -201,26 +226,31 @@ impl Reply for ApiError {
         }
         let mut resp =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
-        if let Self::TooBusy { retry_after_s, .. } = self {
+        if let Some(s) = self.retry_after_s() {
             resp.headers_mut().insert(
                 warp::http::header::RETRY_AFTER,
-                warp::http::HeaderValue::from(retry_after_s),
+                warp::http::HeaderValue::from(s),
             );
         }
         resp
     }
 }
 
-/// Rejection raised before a chunk body is read when its Content-Length exceeds the limit.
+/// Rejection for a body over its route's limit: declared (`len`, refused before any byte is
+/// read) or found while reading a chunked body (`len` unknown).
 #[derive(Debug)]
-pub struct ChunkTooLarge {
+pub struct BodyTooLarge {
     /// Declared body size, bytes.
-    pub len: u64,
+    pub len: Option<u64>,
     /// Configured limit, bytes.
-    pub max: usize,
+    pub max: u64,
+    /// The 413's code.
+    pub code: &'static str,
+    /// The option that sets the limit.
+    pub name: &'static str,
 }
 
-impl warp::reject::Reject for ChunkTooLarge {}
+impl warp::reject::Reject for BodyTooLarge {}
 
 /// Rejection for a request body that could not be read in time (or at all).
 #[derive(Debug)]
@@ -233,6 +263,12 @@ impl warp::reject::Reject for BodyError {}
 pub struct HeadersTooLarge(pub String);
 
 impl warp::reject::Reject for HeadersTooLarge {}
+
+/// Rejection when every probe slot is taken (the number of slots).
+#[derive(Debug)]
+pub struct ProbeBusy(pub usize);
+
+impl warp::reject::Reject for ProbeBusy {}
 
 /// Rejection carrying a 401 from caller authentication.
 #[derive(Debug)]
@@ -267,17 +303,31 @@ pub async fn recover(rej: warp::Rejection) -> Result<Response, std::convert::Inf
             code: d.code,
             message: d.message.clone(),
         }
+    } else if let Some(b) = rej.find::<ProbeBusy>() {
+        ApiError::TooBusy {
+            code: "backpressure",
+            message: format!("{} probes are already running; retry later", b.0),
+            retry_after_s: 5,
+        }
     } else if rej.find::<warp::filters::cors::CorsForbidden>().is_some() {
         ApiError::Forbidden {
             code: "cors_forbidden",
             message: "this Origin is not in the CORS allow-list (cors_origins)".into(),
         }
-    } else if let Some(e) = rej.find::<ChunkTooLarge>() {
+    } else if let Some(e) = rej.find::<BodyTooLarge>() {
+        let what = if e.code == "chunk_too_large" {
+            "chunk"
+        } else {
+            "body"
+        };
+        let size = e
+            .len
+            .map_or_else(|| format!("more than {}", e.max), |n| n.to_string());
         ApiError::TooLarge {
-            code: "chunk_too_large",
+            code: e.code,
             message: format!(
-                "chunk of {} bytes exceeds max_chunk_bytes ({} bytes)",
-                e.len, e.max
+                "{what} of {size} bytes exceeds {} ({} bytes)",
+                e.name, e.max
             ),
         }
     } else if rej.is_not_found() {
@@ -308,4 +358,138 @@ pub async fn recover(rej: warp::Rejection) -> Result<Response, std::convert::Inf
         ApiError::Internal(anyhow::anyhow!("unhandled rejection: {rej:?}"))
     };
     Ok(err.into_response())
+}
+
+/// Seconds a client waits after `too_many_sessions`: sessions last seconds to minutes.
+const RETRY_SESSIONS_S: u64 = 5;
+/// Seconds a client waits after `provider_busy`: a provider slot frees as soon as any of its
+/// sessions or one-shot requests ends, so sessions and one-shot requests share this value.
+const RETRY_PROVIDER_S: u64 = 2;
+/// Seconds a client waits after `backpressure` or `rate_limited`.
+const RETRY_UPLOAD_S: u64 = 1;
+
+/// Provider failures, the same for sessions and one-shot requests: 400 `invalid_option`
+/// (unknown provider, an option it cannot honour), 503 `provider_unavailable`, 429
+/// `provider_busy`, 413 `audio_rejected` (audio outside what the provider takes), 502 with the
+/// upstream's code kept.
+impl From<ProviderError> for ApiError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Unsupported(m) => ApiError::bad_request("invalid_option", m),
+            ProviderError::Unavailable(m) => ApiError::Unavailable {
+                code: "provider_unavailable",
+                message: m,
+            },
+            ProviderError::Busy(m) => ApiError::TooBusy {
+                code: "provider_busy",
+                message: m,
+                retry_after_s: RETRY_PROVIDER_S,
+            },
+            ProviderError::AudioRejected(m) => ApiError::TooLarge {
+                code: "audio_rejected",
+                message: m,
+            },
+            ProviderError::Upstream {
+                code,
+                provider_code,
+                message,
+            } => ApiError::Upstream {
+                code,
+                provider_code,
+                message,
+            },
+        }
+    }
+}
+
+impl From<InvalidOption> for ApiError {
+    fn from(e: InvalidOption) -> Self {
+        ApiError::bad_request("invalid_option", e.0)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::StoreUnavailable(e)
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        let message = e.to_string();
+        match e {
+            SessionError::NotFound(id) => ApiError::SessionNotFound(id),
+            SessionError::MissingToken => ApiError::Unauthorized {
+                code: "missing_session_token",
+                message,
+            },
+            SessionError::WrongToken => ApiError::Forbidden {
+                code: "invalid_session_token",
+                message,
+            },
+            SessionError::Closed { id, status } => ApiError::SessionClosed { id, status },
+            SessionError::ChunkTooLarge { .. } => ApiError::TooLarge {
+                code: "chunk_too_large",
+                message,
+            },
+            SessionError::EmptyChunk => ApiError::bad_request("empty_chunk", message),
+            SessionError::Ingest(ie) => {
+                let code = match ie {
+                    IngestError::Conflict { .. } => "seq_conflict",
+                    IngestError::OutOfWindow { .. } => "seq_out_of_window",
+                    IngestError::AfterLast { .. } => "seq_after_last",
+                    IngestError::Backpressure { .. } => {
+                        return ApiError::TooBusy {
+                            code: "backpressure",
+                            message,
+                            retry_after_s: RETRY_UPLOAD_S,
+                        }
+                    }
+                };
+                ApiError::Conflict { code, message }
+            }
+            SessionError::TooMany { .. } | SessionError::TooManyForUser { .. } => {
+                ApiError::TooBusy {
+                    code: "too_many_sessions",
+                    message,
+                    retry_after_s: RETRY_SESSIONS_S,
+                }
+            }
+            SessionError::RateLimited { .. } => ApiError::TooBusy {
+                code: "rate_limited",
+                message,
+                retry_after_s: RETRY_UPLOAD_S,
+            },
+            SessionError::InvalidOption(o) => o.into(),
+            SessionError::UnsupportedAudio(m) => ApiError::UnsupportedAudio(m),
+            SessionError::Provider(p) => p.into(),
+            SessionError::ShuttingDown => ApiError::Unavailable {
+                code: "shutting_down",
+                message,
+            },
+            SessionError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<OneShotError> for ApiError {
+    fn from(e: OneShotError) -> Self {
+        let message = e.to_string();
+        match e {
+            OneShotError::InvalidOption(o) => o.into(),
+            OneShotError::UnsupportedAudio(m) => ApiError::UnsupportedAudio(m),
+            OneShotError::TooLong { .. } => ApiError::TooLarge {
+                code: "audio_too_long",
+                message,
+            },
+            OneShotError::Provider(p) => p.into(),
+            OneShotError::Busy(_) => ApiError::TooBusy {
+                code: "too_many_recognitions",
+                message,
+                retry_after_s: RETRY_PROVIDER_S,
+            },
+            OneShotError::Store(s) => s.into(),
+            OneShotError::Decoder(j) => ApiError::Internal(anyhow::Error::new(j)),
+        }
+    }
 }

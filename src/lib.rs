@@ -6,23 +6,35 @@
 //! (by default the embedded offline whisper.cpp engine).
 //!
 //! # Layout
-//! - [`config`]: every option and limit (flags + `VOXPOLL_*` env).
-//! - [`http`]: warp routes, thin handlers; [`error`]: the one error → HTTP mapping.
-//! - [`session`]: the session engine (ordering, event log, long-poll, lifecycle).
-//! - [`provider`]: the provider trait and the embedded whisper.cpp provider.
-//! - [`audio`]: PCM/WAV decoding, resampling, VAD segmentation.
-//! - [`store`]: persistence behind a trait; SQLite today.
-//! - [`app`]: wiring and `run(listener, state, shutdown)`; [`client`]: `voxpoll transcribe`.
+//! - [`app`]: wiring from [`config`] to a running server, `run(listener, state, shutdown)`.
+//! - [`audio`]: PCM/WAV/MP3/AAC decoding, resampling, VAD segmentation, whole-file decoding.
+//! - [`auth`]: caller authentication (JWT HS256/RS256, API keys).
+//! - [`client`]: `voxpoll transcribe`, a streaming client over the HTTP API.
+//! - [`clock`]: unix-ms time.
+//! - [`config`]: every option and limit (flags + `VOXPOLL_*` env), defaults named once.
+//! - [`doctor`]: `voxpoll doctor URL`, probes a deployment and advises settings.
+//! - [`error`]: [`error::ApiError`] and the one mapping of every domain error to HTTP.
+//! - [`http`]: warp routes and thin handlers (sessions, WebSocket, one-shot, history, probes).
+//! - [`oneshot`]: one-shot recognition of a whole upload, recorded in history.
+//! - [`provider`]: the provider trait, the configured providers, the embedded whisper.cpp one.
+//! - [`secret`]: a string whose `Debug` never shows it.
+//! - [`session`]: the session engine (ordering, event log, long-poll, lifecycle, resume).
+//! - [`store`]: persistence behind traits; SQLite today.
+//!
+//! Dependencies point one way: `http` → `error` → `session`/`oneshot` → `provider`/`store`/
+//! `audio` → `clock`/`secret`; nothing in `provider` or `store` knows the engine or HTTP.
 
 pub mod app;
 pub mod audio;
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod http;
 pub mod oneshot;
 pub mod provider;
+pub mod secret;
 pub mod session;
 pub mod store;

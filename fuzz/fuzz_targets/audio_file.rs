@@ -4,5 +4,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let hint = voxpoll::audio::file::sniff(data);
-    let _ = voxpoll::audio::file::decode(data, hint, 16_000, 1);
+    let _ = voxpoll::audio::file::decode(data, hint, 16_000, 1, 600_000);
 });

@@ -49,18 +49,28 @@ pub fn format_from_filename(name: &str) -> Option<&'static str> {
 /// Decodes a whole upload. `format` is a hint (`None` lets symphonia probe the bytes); `pcm`
 /// needs `rate` and `channels`.
 ///
+/// Decoding stops as soon as more than `max_ms` of audio came out, so a small file that
+/// declares hours of audio (a decompression bomb) costs no more than `max_ms` of decoding.
+///
 /// # Errors
-/// Unknown or corrupt data (a clear message for the 415/400 answer).
+/// [`FileError::Audio`] for unknown or corrupt data (a clear message for the 415 answer);
+/// [`FileError::TooLong`] past `max_ms`.
 pub fn decode(
     bytes: &[u8],
     format: Option<&str>,
     rate: u32,
     channels: u16,
-) -> Result<DecodedFile, AudioError> {
+    max_ms: u64,
+) -> Result<DecodedFile, FileError> {
     if bytes.is_empty() {
-        return Err(AudioError("the audio is empty".into()));
+        return Err(AudioError("the audio is empty".into()).into());
     }
     if format == Some("pcm") {
+        let ms =
+            bytes.len() as u64 * 1000 / (2 * u64::from(channels.max(1)) * u64::from(rate.max(1)));
+        if ms > max_ms {
+            return Err(FileError::TooLong { at_least_ms: ms });
+        }
         let mut d = Decoder::new(AudioFormat::Pcm, rate, channels)?;
         let mut pcm = d.push(bytes)?;
         pcm.extend(d.finish());
@@ -113,7 +123,7 @@ pub fn decode(
                 tracing::debug!(error = %e, "audio ends with unreadable data");
                 break;
             }
-            Err(e) => return Err(AudioError(format!("corrupt audio: {e}"))),
+            Err(e) => return Err(AudioError(format!("corrupt audio: {e}")).into()),
         };
         if packet.track_id() != track_id {
             continue;
@@ -124,7 +134,7 @@ pub fn decode(
                 tracing::debug!(error = %e, "skipping an undecodable packet");
                 continue;
             }
-            Err(e) => return Err(AudioError(format!("corrupt audio: {e}"))),
+            Err(e) => return Err(AudioError(format!("corrupt audio: {e}")).into()),
         };
         let spec = *buf.spec();
         src_rate = spec.rate;
@@ -138,16 +148,22 @@ pub fn decode(
                 .map(|f| f.iter().sum::<f32>() / n as f32 * 32768.0),
         );
         decoded_any = true;
+        // Stop as soon as the limit is passed: a small file may declare hours of audio.
+        let ms = mono.len() as u64 * 1000 / u64::from(src_rate.max(1));
+        if ms > max_ms {
+            return Err(FileError::TooLong { at_least_ms: ms });
+        }
     }
     if !decoded_any {
-        return Err(AudioError("the file holds no decodable audio".into()));
+        return Err(AudioError("the file holds no decodable audio".into()).into());
     }
     if !super::RATE_RANGE.contains(&src_rate) {
         return Err(AudioError(format!(
             "sample rate {src_rate} Hz is outside the supported {}..={} Hz",
             super::RATE_RANGE.start(),
             super::RATE_RANGE.end()
-        )));
+        ))
+        .into());
     }
     let pcm: Vec<i16> = if src_rate == TARGET_RATE {
         mono.iter().map(|&x| super::to_i16(x)).collect()
@@ -168,6 +184,20 @@ pub fn decode(
         rate: src_rate,
         channels: src_channels,
     })
+}
+
+/// Why a whole file was not decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Not decodable audio.
+    #[error(transparent)]
+    Audio(#[from] AudioError),
+    /// Longer than the caller's limit; decoding stopped once the limit was passed.
+    #[error("the audio lasts at least {at_least_ms} ms")]
+    TooLong {
+        /// Audio decoded when decoding stopped, ms.
+        at_least_ms: u64,
+    },
 }
 
 /// The container of an upload from its first bytes (`None` when unknown).
@@ -205,8 +235,18 @@ mod tests {
 
     #[test]
     fn garbage_is_a_clear_error() {
-        let e = decode(b"definitely not audio at all", None, 16_000, 1).unwrap_err();
-        assert!(e.0.contains("unrecognised"), "{e}");
-        assert!(decode(b"", Some("mp3"), 16_000, 1).is_err());
+        let e = decode(b"definitely not audio at all", None, 16_000, 1, 1_000).unwrap_err();
+        assert!(e.to_string().contains("unrecognised"), "{e}");
+        assert!(decode(b"", Some("mp3"), 16_000, 1, 1_000).is_err());
+    }
+
+    #[test]
+    fn raw_pcm_past_the_limit_is_refused_before_decoding() {
+        // 1 s of 16 kHz mono s16 is 32,000 bytes.
+        assert!(decode(&[0; 32_000], Some("pcm"), 16_000, 1, 1_000).is_ok());
+        assert!(matches!(
+            decode(&[0; 32_100], Some("pcm"), 16_000, 1, 1_000),
+            Err(FileError::TooLong { .. })
+        ));
     }
 }

@@ -2,7 +2,7 @@
 //! recognitions, newest first. Each caller (JWT `sub` or API key user) sees only its own entries;
 //! while auth is off every caller is the same anonymous user.
 
-use super::{with_state, AppState};
+use super::{respond, with_state, AppState};
 use crate::error::ApiError;
 use crate::store::Deleted;
 use serde::Deserialize;
@@ -48,72 +48,73 @@ pub(super) fn routes(
         .and(super::caller(&state))
         .and(warp::query::<ListQuery>())
         .and(with_state(state.clone()))
-        .then(
-            |user: Option<String>, q: ListQuery, state: AppState| async move {
-                let r: Result<_, ApiError> = async {
-                    let limit = q.limit.unwrap_or(20);
-                    if limit == 0 || limit > MAX_LIMIT {
-                        return Err(ApiError::bad_request(
-                            "invalid_query",
-                            format!("limit must be 1..={MAX_LIMIT}"),
-                        ));
-                    }
-                    let before = q.before.as_deref().map(parse_cursor).transpose()?;
-                    let items = state
-                        .history
-                        .history(user, before, limit)
-                        .await
-                        .map_err(|e| ApiError::Internal(e.into()))?;
-                    let next = (items.len() == limit)
-                        .then(|| {
-                            items
-                                .last()
-                                .map(|i| format!("{}_{}", i.created_at_ms, i.id))
-                        })
-                        .flatten();
-                    Ok(json!({ "items": items, "next_before": next }))
-                }
-                .await;
-                match r {
-                    Ok(v) => warp::reply::json(&v).into_response(),
-                    Err(e) => e.into_response(),
-                }
-            },
-        );
+        .then(list_history)
+        .map(respond);
     // GET /v1/history/{id}
     let get = warp::path!("v1" / "history" / String)
         .and(warp::get())
         .and(super::caller(&state))
         .and(with_state(state.clone()))
-        .then(
-            |id: String, user: Option<String>, state: AppState| async move {
-                match state.history.history_item(user, &id).await {
-                    Ok(Some(item)) => warp::reply::json(&item).into_response(),
-                    Ok(None) => not_found(&id).into_response(),
-                    Err(e) => ApiError::Internal(e.into()).into_response(),
-                }
-            },
-        );
+        .then(get_history)
+        .map(respond);
     // DELETE /v1/history/{id}
     let delete = warp::path!("v1" / "history" / String)
         .and(warp::delete())
         .and(super::caller(&state))
         .and(with_state(state))
-        .then(
-            |id: String, user: Option<String>, state: AppState| async move {
-                match state.history.delete_history(user, &id).await {
-                    Ok(Deleted::Yes) => {
-                        warp::reply::json(&json!({ "deleted": true })).into_response()
-                    }
-                    Ok(Deleted::NotFound) => not_found(&id).into_response(),
-                    Ok(Deleted::StillOpen) => ApiError::Conflict {
-                        code: "session_open",
-                        message: format!("session {id} is still open; finish or cancel it first"),
-                    }
-                    .into_response(),
-                    Err(e) => ApiError::Internal(e.into()).into_response(),
-                }
-            },
-        );
+        .then(delete_history)
+        .map(respond);
     list.or(get).unify().or(delete).unify()
+}
+
+async fn list_history(
+    user: Option<String>,
+    q: ListQuery,
+    state: AppState,
+) -> Result<impl Reply, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be 1..={MAX_LIMIT}"),
+        ));
+    }
+    let before = q.before.as_deref().map(parse_cursor).transpose()?;
+    let items = state.history.history(user, before, limit).await?;
+    let next = (items.len() == limit)
+        .then(|| {
+            items
+                .last()
+                .map(|i| format!("{}_{}", i.created_at_ms, i.id))
+        })
+        .flatten();
+    Ok(warp::reply::json(
+        &json!({ "items": items, "next_before": next }),
+    ))
+}
+
+async fn get_history(
+    id: String,
+    user: Option<String>,
+    state: AppState,
+) -> Result<impl Reply, ApiError> {
+    match state.history.history_item(user, &id).await? {
+        Some(item) => Ok(warp::reply::json(&item)),
+        None => Err(not_found(&id)),
+    }
+}
+
+async fn delete_history(
+    id: String,
+    user: Option<String>,
+    state: AppState,
+) -> Result<impl Reply, ApiError> {
+    match state.history.delete_history(user, &id).await? {
+        Deleted::Yes => Ok(warp::reply::json(&json!({ "deleted": true }))),
+        Deleted::NotFound => Err(not_found(&id)),
+        Deleted::StillOpen => Err(ApiError::Conflict {
+            code: "session_open",
+            message: format!("session {id} is still open; finish or cancel it first"),
+        }),
+    }
 }

@@ -12,8 +12,10 @@ mod ws;
 
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::session::{SessionError, SessionManager};
+use crate::oneshot::Recognizer;
+use crate::session::SessionManager;
 use crate::store::HistoryStore;
+use serde::Deserialize;
 use std::sync::Arc;
 use warp::Filter;
 
@@ -26,6 +28,8 @@ pub struct AppState {
     pub sessions: SessionManager,
     /// Recognition history.
     pub history: Arc<dyn HistoryStore>,
+    /// One-shot recognition.
+    pub recognizer: Recognizer,
     /// Caller authentication (JWT, API keys); off when nothing is configured.
     pub auth: Arc<crate::auth::Authenticator>,
 }
@@ -77,18 +81,55 @@ fn api(
         .unify()
 }
 
-/// The request body, read within `request_timeout_ms` from the time the handler asks for it:
-/// a client trickling its body gets 408 `request_timeout` instead of holding the connection.
+/// A route's body limit: at most `max` bytes however the body is framed (declared length or
+/// chunked); past it 413 with `code`, naming the option `name`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BodyLimit {
+    /// Most bytes read.
+    pub max: u64,
+    /// The 413's code (`chunk_too_large`, `body_too_large`, `audio_too_large`).
+    pub code: &'static str,
+    /// The option that sets `max`.
+    pub name: &'static str,
+}
+
+/// The request body, at most `limit.max` bytes (a declared larger length is refused before any
+/// byte is read, a longer chunked body as soon as it passes the limit), read within
+/// `request_timeout_ms` from the time the handler asks for it: a client trickling its body
+/// gets 408 `request_timeout` instead of holding the connection.
 fn body(
     state: &AppState,
+    limit: BodyLimit,
 ) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
-    let limit = std::time::Duration::from_millis(state.config.request_timeout_ms);
-    warp::body::stream().and_then(move |s| collect_body(s, limit))
+    let deadline = std::time::Duration::from_millis(state.config.request_timeout_ms);
+    declared_length(limit)
+        .and(warp::body::stream())
+        .and_then(move |s| collect_body(s, limit, deadline))
+}
+
+/// Refuses a declared `Content-Length` over the limit before the body is read.
+fn declared_length(limit: BodyLimit) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(move |len: Option<u64>| async move {
+            match len {
+                Some(len) if len > limit.max => {
+                    Err(warp::reject::custom(crate::error::BodyTooLarge {
+                        len: Some(len),
+                        max: limit.max,
+                        code: limit.code,
+                        name: limit.name,
+                    }))
+                }
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
 }
 
 async fn collect_body<S, B>(
     s: S,
-    limit: std::time::Duration,
+    limit: BodyLimit,
+    deadline: std::time::Duration,
 ) -> Result<bytes::Bytes, warp::Rejection>
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>>,
@@ -98,7 +139,20 @@ where
     let read = async {
         let mut out = bytes::BytesMut::new();
         let mut s = std::pin::pin!(s);
-        while let Some(mut chunk) = s.try_next().await? {
+        while let Some(mut chunk) = s
+            .try_next()
+            .await
+            .map_err(|e| warp::reject::custom(crate::error::BodyError(e.to_string())))?
+        {
+            if (out.len() + chunk.remaining()) as u64 > limit.max {
+                // Stop reading: the connection is closed after the answer.
+                return Err(warp::reject::custom(crate::error::BodyTooLarge {
+                    len: None,
+                    max: limit.max,
+                    code: limit.code,
+                    name: limit.name,
+                }));
+            }
             while chunk.has_remaining() {
                 let part = chunk.chunk();
                 out.extend_from_slice(part);
@@ -106,14 +160,13 @@ where
                 chunk.advance(n);
             }
         }
-        Ok::<_, warp::Error>(out.freeze())
+        Ok(out.freeze())
     };
-    match tokio::time::timeout(limit, read).await {
-        Ok(Ok(b)) => Ok(b),
-        Ok(Err(e)) => Err(warp::reject::custom(crate::error::BodyError(e.to_string()))),
+    match tokio::time::timeout(deadline, read).await {
+        Ok(r) => r,
         Err(_) => Err(warp::reject::custom(crate::error::BodyError(format!(
             "the request body did not arrive within {} ms (request_timeout_ms)",
-            limit.as_millis()
+            deadline.as_millis()
         )))),
     }
 }
@@ -162,75 +215,44 @@ fn with_state(
     warp::any().map(move || state.clone())
 }
 
+/// The target of a session call: the id from the path, and the session token from
+/// `X-Session-Token` or, for clients that cannot set headers, `?session_token=`.
+pub(super) struct SessionRef {
+    /// Session id as given in the path.
+    pub id: String,
+    /// The token, header first.
+    pub token: Option<String>,
+}
+
+impl SessionRef {
+    /// The token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    session_token: Option<String>,
+}
+
+/// Wraps a path filter that extracts a session id into one that extracts a [`SessionRef`].
+fn session_ref<F>(path: F) -> impl Filter<Extract = (SessionRef,), Error = warp::Rejection> + Clone
+where
+    F: Filter<Extract = (String,), Error = warp::Rejection> + Clone,
+{
+    path.and(warp::header::optional::<String>("x-session-token"))
+        .and(warp::query::<TokenQuery>())
+        .map(|id, header: Option<String>, q: TokenQuery| SessionRef {
+            id,
+            token: header.or(q.session_token),
+        })
+}
+
 /// Turns a handler's result into a response.
 fn respond<T: warp::Reply>(r: Result<T, ApiError>) -> warp::reply::Response {
     match r {
         Ok(reply) => reply.into_response(),
         Err(e) => warp::Reply::into_response(e),
-    }
-}
-
-impl From<SessionError> for ApiError {
-    fn from(e: SessionError) -> Self {
-        use crate::session::ingest::IngestError;
-        match e {
-            SessionError::NotFound(id) => ApiError::SessionNotFound(id),
-            SessionError::MissingToken => ApiError::Unauthorized {
-                code: "missing_session_token",
-                message: e.to_string(),
-            },
-            SessionError::WrongToken => ApiError::Forbidden {
-                code: "invalid_session_token",
-                message: e.to_string(),
-            },
-            SessionError::Closed { id, status } => ApiError::SessionClosed { id, status },
-            SessionError::Ingest(ref ie) => match ie {
-                IngestError::Conflict { .. } => ApiError::Conflict {
-                    code: "seq_conflict",
-                    message: e.to_string(),
-                },
-                IngestError::OutOfWindow { .. } => ApiError::Conflict {
-                    code: "seq_out_of_window",
-                    message: e.to_string(),
-                },
-                IngestError::AfterLast { .. } => ApiError::Conflict {
-                    code: "seq_after_last",
-                    message: e.to_string(),
-                },
-                IngestError::Backpressure { .. } => ApiError::TooBusy {
-                    code: "backpressure",
-                    message: e.to_string(),
-                    retry_after_s: 1,
-                },
-            },
-            SessionError::TooMany { .. } | SessionError::TooManyForUser { .. } => {
-                ApiError::TooBusy {
-                    code: "too_many_sessions",
-                    message: e.to_string(),
-                    retry_after_s: 5,
-                }
-            }
-            SessionError::RateLimited { .. } => ApiError::TooBusy {
-                code: "rate_limited",
-                message: e.to_string(),
-                retry_after_s: 1,
-            },
-            SessionError::InvalidOption(m) => ApiError::bad_request("invalid_option", m),
-            SessionError::UnsupportedAudio(m) => ApiError::UnsupportedAudio(m),
-            SessionError::ProviderUnavailable(m) => ApiError::Unavailable {
-                code: "provider_unavailable",
-                message: m,
-            },
-            SessionError::ProviderBusy(m) => ApiError::TooBusy {
-                code: "provider_busy",
-                message: m,
-                retry_after_s: 5,
-            },
-            SessionError::ShuttingDown => ApiError::Unavailable {
-                code: "shutting_down",
-                message: e.to_string(),
-            },
-            SessionError::Store(s) => ApiError::Internal(anyhow::Error::new(s)),
-        }
     }
 }

@@ -43,6 +43,7 @@ async fn ready(state: AppState) -> Response {
         "default_provider": providers.default,
         "providers": list,
         "sessions_open": state.sessions.open_count(),
+        "polls_waiting": state.sessions.polls_waiting(),
         "epoch": state.sessions.epoch(),
     });
     let status = if ok {

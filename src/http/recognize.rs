@@ -2,14 +2,13 @@
 //! multipart) and the seeds' `POST /api/realtime-voice/recognize` (multipart `audio`, answers in
 //! the seeds' `{"code": 0, "message": "ok", "data": …}` envelope).
 
-use super::{with_state, AppState};
+use super::{respond, with_state, AppState};
 use crate::audio::file::{format_from_filename, format_from_name};
 use crate::error::ApiError;
-use crate::oneshot::{recognize, Upload};
+use crate::oneshot::Upload;
 use crate::session::CreateOptions;
 use bytes::Bytes;
 use serde_json::json;
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
@@ -19,40 +18,27 @@ const FORM_OVERHEAD: u64 = 64 * 1024;
 pub(super) fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let limit = state.config.max_upload_bytes + FORM_OVERHEAD;
+    let limit = super::BodyLimit {
+        max: state.config.max_upload_bytes + FORM_OVERHEAD,
+        code: "audio_too_large",
+        name: "max_upload_bytes",
+    };
     // POST /v1/recognize[?engine=…&format=…]
     let v1 = warp::path!("v1" / "recognize")
         .and(warp::post())
         .and(super::caller(&state))
-        .and(warp::body::content_length_limit(limit))
         .and(warp::query::<CreateOptions>())
         .and(warp::header::optional::<String>("content-type"))
-        .and(super::body(&state))
+        .and(super::body(&state, limit))
         .and(with_state(state.clone()))
-        .then(
-            |user: Option<String>,
-             q: CreateOptions,
-             ct: Option<String>,
-             body: Bytes,
-             state: AppState| async move {
-                let r = async {
-                    let upload = parse_upload(&state, q, ct.as_deref(), body).await?;
-                    recognize(&state, upload, user).await
-                }
-                .await;
-                match r {
-                    Ok(r) => warp::reply::json(&r).into_response(),
-                    Err(e) => e.into_response(),
-                }
-            },
-        );
+        .then(recognize_v1)
+        .map(respond);
     // POST /api/realtime-voice/recognize (multipart: audio, engineType, filterDirty, …)
     let seeds = warp::path!("api" / "realtime-voice" / "recognize")
         .and(warp::post())
         .and(super::caller(&state))
-        .and(warp::body::content_length_limit(limit))
         .and(warp::header::optional::<String>("content-type"))
-        .and(super::body(&state))
+        .and(super::body(&state, limit))
         .and(with_state(state))
         .then(|user: Option<String>, ct: Option<String>, body: Bytes, state: AppState| async move {
             let r = async {
@@ -62,7 +48,7 @@ pub(super) fn routes(
                     ));
                 }
                 let upload = parse_upload(&state, CreateOptions::default(), ct.as_deref(), body).await?;
-                recognize(&state, upload, user).await
+                Ok(state.recognizer.recognize(upload, user).await?)
             }
             .await;
             match r {
@@ -74,16 +60,28 @@ pub(super) fn routes(
     v1.or(seeds).unify()
 }
 
+async fn recognize_v1(
+    user: Option<String>,
+    q: CreateOptions,
+    ct: Option<String>,
+    body: Bytes,
+    state: AppState,
+) -> Result<impl Reply, ApiError> {
+    let upload = parse_upload(&state, q, ct.as_deref(), body).await?;
+    let recognized = state.recognizer.recognize(upload, user).await?;
+    Ok(warp::reply::json(&recognized))
+}
+
 /// The seeds' failure envelope: the HTTP status kept, `code` = that status (non-zero),
 /// `error` = voxpoll's machine code.
 fn seeds_error(e: &ApiError) -> Response {
     let status = e.status();
     let body = json!({ "code": status.as_u16(), "message": e.to_string(), "error": e.code() });
     let mut resp = warp::reply::with_status(warp::reply::json(&body), status).into_response();
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    if let Some(s) = e.retry_after_s() {
         resp.headers_mut().insert(
             warp::http::header::RETRY_AFTER,
-            warp::http::HeaderValue::from_static("2"),
+            warp::http::HeaderValue::from(s),
         );
     }
     resp

@@ -1,30 +1,28 @@
 //! Session routes (shared/api.md, "Sessions (realtime)").
 
-use super::{respond, with_state, AppState};
-use crate::error::{ApiError, ChunkTooLarge};
-use crate::session::CreateOptions;
+use super::{respond, session_ref, with_state, AppState, BodyLimit, SessionRef};
+use crate::error::ApiError;
+use crate::session::{CreateOptions, UploadReply};
 use bytes::Bytes;
 use serde::Deserialize;
 use std::time::Duration;
 use warp::http::StatusCode;
 use warp::reply::Response;
-use warp::Filter;
+use warp::{Filter, Reply};
 
-/// Query of `POST /v1/sessions/{id}/audio`.
+/// Query of `POST /v1/sessions/{id}/audio` (the token is read by [`session_ref`]).
 #[derive(Debug, Deserialize)]
 struct AudioQuery {
     seq: u64,
     last: Option<String>,
     after: Option<u64>,
-    session_token: Option<String>,
 }
 
-/// Query of `GET /v1/sessions/{id}/events` and the other session calls.
+/// Query of `GET /v1/sessions/{id}/events`.
 #[derive(Debug, Deserialize)]
 struct EventsQuery {
     after: Option<u64>,
     wait_ms: Option<u64>,
-    session_token: Option<String>,
 }
 
 fn flag(v: Option<&str>) -> Result<bool, ApiError> {
@@ -38,82 +36,63 @@ fn flag(v: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-fn header_token() -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<String>("x-session-token")
-}
-
-/// Rejects before the body is read when the declared length exceeds `max`.
-fn chunk_limit(max: usize) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
-    warp::header::optional::<u64>("content-length")
-        .and_then(move |len: Option<u64>| async move {
-            match len {
-                Some(len) if len > max as u64 => {
-                    Err(warp::reject::custom(ChunkTooLarge { len, max }))
-                }
-                _ => Ok(()),
-            }
-        })
-        .untuple_one()
-}
-
 /// All `/v1/sessions` routes.
 pub(super) fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let max_chunk = state.config.max_chunk_bytes;
-    let max_json = state.config.max_json_bytes;
+    let chunk_limit = BodyLimit {
+        max: state.sessions.limits().max_chunk_bytes as u64,
+        code: "chunk_too_large",
+        name: "max_chunk_bytes",
+    };
+    let json_limit = BodyLimit {
+        max: state.config.max_json_bytes,
+        code: "body_too_large",
+        name: "max_json_bytes",
+    };
 
     // POST /v1/sessions
     let create = warp::path!("v1" / "sessions")
         .and(warp::post())
         .and(super::caller(&state))
-        .and(warp::body::content_length_limit(max_json))
-        .and(super::body(&state))
+        .and(super::body(&state, json_limit))
         .and(with_state(state.clone()))
-        .then(create_session);
+        .then(create_session)
+        .map(respond);
 
     // POST /v1/sessions/{id}/audio?seq=N[&last=1][&after=K]
-    let audio = warp::path!("v1" / "sessions" / String / "audio")
-        .and(warp::post())
-        .and(chunk_limit(max_chunk))
+    let audio = session_ref(warp::path!("v1" / "sessions" / String / "audio").and(warp::post()))
         .and(warp::query::<AudioQuery>())
-        .and(header_token())
         .and(warp::header::optional::<String>("content-type"))
-        .and(super::body(&state))
+        .and(super::body(&state, chunk_limit))
         .and(with_state(state.clone()))
-        .then(upload_chunk);
+        .then(upload_chunk)
+        .map(respond);
 
     // GET /v1/sessions/{id}/events?after=K&wait_ms=W
-    let events = warp::path!("v1" / "sessions" / String / "events")
-        .and(warp::get())
+    let events = session_ref(warp::path!("v1" / "sessions" / String / "events").and(warp::get()))
         .and(warp::query::<EventsQuery>())
-        .and(header_token())
         .and(with_state(state.clone()))
-        .then(poll_events);
+        .then(poll_events)
+        .map(respond);
 
     // POST /v1/sessions/{id}/finish
-    let finish = warp::path!("v1" / "sessions" / String / "finish")
-        .and(warp::post())
-        .and(warp::query::<EventsQuery>())
-        .and(header_token())
+    let finish = session_ref(warp::path!("v1" / "sessions" / String / "finish").and(warp::post()))
         .and(with_state(state.clone()))
-        .then(finish_session);
+        .then(finish_session)
+        .map(respond);
 
     // GET /v1/sessions/{id}
-    let get = warp::path!("v1" / "sessions" / String)
-        .and(warp::get())
-        .and(warp::query::<EventsQuery>())
-        .and(header_token())
+    let get = session_ref(warp::path!("v1" / "sessions" / String).and(warp::get()))
         .and(with_state(state.clone()))
-        .then(get_session);
+        .then(get_session)
+        .map(respond);
 
     // DELETE /v1/sessions/{id}
-    let delete = warp::path!("v1" / "sessions" / String)
-        .and(warp::delete())
-        .and(warp::query::<EventsQuery>())
-        .and(header_token())
+    let delete = session_ref(warp::path!("v1" / "sessions" / String).and(warp::delete()))
         .and(with_state(state))
-        .then(cancel_session);
+        .then(cancel_session)
+        .map(respond);
 
     create
         .or(audio)
@@ -128,144 +107,80 @@ pub(super) fn routes(
         .unify()
 }
 
-async fn create_session(user: Option<String>, body: Bytes, state: AppState) -> Response {
-    respond(
-        async {
-            let opts: CreateOptions = if body.iter().all(u8::is_ascii_whitespace) {
-                CreateOptions::default()
-            } else {
-                serde_json::from_slice(&body).map_err(|e| {
-                    ApiError::bad_request("invalid_json", format!("session options: {e}"))
-                })?
-            };
-            let created = state.sessions.create(opts, user).await?;
-            Ok(warp::reply::with_status(
-                warp::reply::json(&created),
-                StatusCode::CREATED,
-            ))
-        }
-        .await,
-    )
+async fn create_session(
+    user: Option<String>,
+    body: Bytes,
+    state: AppState,
+) -> Result<impl Reply, ApiError> {
+    let opts: CreateOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateOptions::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("session options: {e}")))?
+    };
+    let created = state.sessions.create(opts, user).await?;
+    Ok(warp::reply::with_status(
+        warp::reply::json(&created),
+        StatusCode::CREATED,
+    ))
 }
 
 async fn upload_chunk(
-    id: String,
+    r: SessionRef,
     q: AudioQuery,
-    header_token: Option<String>,
     content_type: Option<String>,
     body: Bytes,
     state: AppState,
-) -> Response {
-    respond(
-        async {
-            let last = flag(q.last.as_deref())?;
-            if content_type.as_deref().is_some_and(|c| c.starts_with("multipart/")) {
-                return Err(ApiError::UnsupportedAudio(
-                    "audio chunks are raw bytes (application/octet-stream), not multipart; use POST /v1/recognize for file uploads".into(),
-                ));
-            }
-            check_chunk(state.config.max_chunk_bytes, body.len(), last)?;
-            let token = header_token.or(q.session_token);
-            let ack = state.sessions.upload(&id, token.as_deref(), q.seq, last, body).await?;
-            let mut reply = serde_json::to_value(&ack).map_err(anyhow::Error::from)?;
-            if let Some(after) = q.after {
-                let poll = state.sessions.poll(&id, token.as_deref(), after, Some(Duration::ZERO)).await?;
-                if let (Some(obj), serde_json::Value::Object(p)) = (reply.as_object_mut(), serde_json::to_value(poll).map_err(anyhow::Error::from)?) {
-                    obj.extend(p);
-                }
-            }
-            Ok(warp::reply::json(&reply))
-        }
-        .await,
-    )
-}
-
-/// The checks every chunk passes before the session sees it, whatever the transport.
-///
-/// # Errors
-/// 413 `chunk_too_large` over `max_chunk_bytes`; 400 `empty_chunk` for an empty chunk that is
-/// not the last.
-pub(super) fn check_chunk(max_chunk_bytes: usize, len: usize, last: bool) -> Result<(), ApiError> {
-    if len > max_chunk_bytes {
-        return Err(ApiError::TooLarge {
-            code: "chunk_too_large",
-            message: format!("chunk of {len} bytes exceeds max_chunk_bytes ({max_chunk_bytes})"),
-        });
-    }
-    if len == 0 && !last {
-        return Err(ApiError::bad_request(
-            "empty_chunk",
-            "empty chunk: only the last chunk (last=1) may be empty",
+) -> Result<impl Reply, ApiError> {
+    let last = flag(q.last.as_deref())?;
+    if content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("multipart/"))
+    {
+        return Err(ApiError::UnsupportedAudio(
+            "audio chunks are raw bytes (application/octet-stream), not multipart; use POST /v1/recognize for file uploads".into(),
         ));
     }
-    Ok(())
+    let ack = state
+        .sessions
+        .upload(&r.id, r.token(), q.seq, last, body)
+        .await?;
+    let poll = match q.after {
+        Some(after) => Some(
+            state
+                .sessions
+                .poll(&r.id, r.token(), after, Some(Duration::ZERO))
+                .await?,
+        ),
+        None => None,
+    };
+    Ok(warp::reply::json(&UploadReply { ack, poll }))
 }
 
 async fn poll_events(
-    id: String,
+    r: SessionRef,
     q: EventsQuery,
-    header_token: Option<String>,
     state: AppState,
-) -> Response {
-    let token = header_token.or(q.session_token);
+) -> Result<impl Reply, ApiError> {
     let wait = q.wait_ms.map(Duration::from_millis);
-    respond(
-        state
-            .sessions
-            .poll(&id, token.as_deref(), q.after.unwrap_or(0), wait)
-            .await
-            .map(|r| warp::reply::json(&r))
-            .map_err(ApiError::from),
-    )
+    let page = state
+        .sessions
+        .poll(&r.id, r.token(), q.after.unwrap_or(0), wait)
+        .await?;
+    Ok(warp::reply::json(&page))
 }
 
-async fn finish_session(
-    id: String,
-    q: EventsQuery,
-    header_token: Option<String>,
-    state: AppState,
-) -> Response {
-    let token = header_token.or(q.session_token);
-    respond(
-        state
-            .sessions
-            .finish(&id, token.as_deref())
-            .await
-            .map(|r| warp::reply::json(&r))
-            .map_err(ApiError::from),
-    )
+async fn finish_session(r: SessionRef, state: AppState) -> Result<impl Reply, ApiError> {
+    let info = state.sessions.finish(&r.id, r.token()).await?;
+    Ok(warp::reply::json(&info))
 }
 
-async fn get_session(
-    id: String,
-    q: EventsQuery,
-    header_token: Option<String>,
-    state: AppState,
-) -> Response {
-    let token = header_token.or(q.session_token);
-    respond(
-        state
-            .sessions
-            .info(&id, token.as_deref())
-            .await
-            .map(|r| warp::reply::json(&r))
-            .map_err(ApiError::from),
-    )
+async fn get_session(r: SessionRef, state: AppState) -> Result<impl Reply, ApiError> {
+    let info = state.sessions.info(&r.id, r.token()).await?;
+    Ok(warp::reply::json(&info))
 }
 
-async fn cancel_session(
-    id: String,
-    q: EventsQuery,
-    header_token: Option<String>,
-    state: AppState,
-) -> Response {
-    let token = header_token.or(q.session_token);
-    respond(
-        state
-            .sessions
-            .cancel(&id, token.as_deref())
-            .await
-            .map(|r| warp::reply::json(&r))
-            .map_err(ApiError::from),
-    )
+async fn cancel_session(r: SessionRef, state: AppState) -> Result<impl Reply, ApiError> {
+    let info = state.sessions.cancel(&r.id, r.token()).await?;
+    Ok(warp::reply::json(&info))
 }

@@ -20,8 +20,7 @@
 //!   bytes (at most `max_chunk_bytes`; a frame over twice that closes the socket);
 //! - text `{"type":"finish"}`, `{"type":"cancel"}`, `{"type":"ping"}`.
 
-use super::sessions::check_chunk;
-use super::{respond, with_state, AppState};
+use super::{respond, session_ref, with_state, AppState, SessionRef};
 use crate::error::ApiError;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -39,7 +38,6 @@ pub const CHUNK_HEADER_BYTES: usize = 5;
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     after: Option<u64>,
-    session_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,23 +50,15 @@ struct ClientMessage {
 pub(super) fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    warp::path!("v1" / "sessions" / String / "ws")
-        .and(warp::get())
+    session_ref(warp::path!("v1" / "sessions" / String / "ws").and(warp::get()))
         .and(warp::query::<WsQuery>())
-        .and(warp::header::optional::<String>("x-session-token"))
         .and(optional_ws())
         .and(with_state(state))
         .then(upgrade)
 }
 
-async fn upgrade(
-    id: String,
-    q: WsQuery,
-    header_token: Option<String>,
-    ws: Option<Ws>,
-    state: AppState,
-) -> Response {
-    let token = header_token.or(q.session_token);
+async fn upgrade(r: SessionRef, q: WsQuery, ws: Option<Ws>, state: AppState) -> Response {
+    let SessionRef { id, token } = r;
     // Unknown session or wrong token: a plain HTTP error, before any upgrade.
     if let Err(e) = state.sessions.info(&id, token.as_deref()).await {
         return respond::<Response>(Err(e.into()));
@@ -78,7 +68,7 @@ async fn upgrade(
     };
     // Frames a little over the chunk limit get the HTTP route's 413 `chunk_too_large` as an
     // error frame; only frames past twice the limit end the socket (close 1009).
-    let max = 2 * state.config.max_chunk_bytes + CHUNK_HEADER_BYTES;
+    let max = 2 * state.sessions.limits().max_chunk_bytes + CHUNK_HEADER_BYTES;
     let after = q.after.unwrap_or(0);
     ws.max_message_size(max)
         .max_frame_size(max)
@@ -105,10 +95,7 @@ fn text(v: &Value) -> Message {
 }
 
 fn error_frame(seq: Option<u64>, e: &ApiError) -> Message {
-    let retry = match e {
-        ApiError::TooBusy { retry_after_s, .. } => Some(retry_after_s * 1000),
-        _ => None,
-    };
+    let retry = e.retry_after_s().map(|s| s * 1000);
     text(&json!({
         "type": "error",
         "seq": seq,
@@ -162,7 +149,7 @@ async fn serve(socket: WebSocket, id: String, token: Option<String>, after: u64,
             "cursor": after,
             "status": info.status,
             "epoch": info.epoch,
-            "max_chunk_bytes": state.config.max_chunk_bytes,
+            "max_chunk_bytes": state.sessions.limits().max_chunk_bytes,
             "ping_ms": state.config.ws_ping_ms,
         })))
         .await;
@@ -216,22 +203,14 @@ async fn on_chunk(id: &str, token: Option<&str>, frame: Bytes, state: &AppState)
     let seq = u64::from(u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]));
     let last = frame[4] & 1 == 1;
     let body = frame.slice(CHUNK_HEADER_BYTES..);
-    let result = match check_chunk(state.config.max_chunk_bytes, body.len(), last) {
-        Ok(()) => state
-            .sessions
-            .upload(id, token, seq, last, body)
-            .await
-            .map_err(ApiError::from),
-        Err(e) => Err(e),
-    };
-    match result {
+    match state.sessions.upload(id, token, seq, last, body).await {
         Ok(ack) => text(&json!({
             "type": "ack",
             "seq": seq,
             "acked_seq": ack.acked_seq,
             "duplicate": ack.duplicate,
         })),
-        Err(e) => error_frame(Some(seq), &e),
+        Err(e) => error_frame(Some(seq), &e.into()),
     }
 }
 
@@ -272,7 +251,7 @@ async fn push_events(
     state: AppState,
     tx: mpsc::Sender<Message>,
 ) {
-    let hold = Duration::from_millis(state.config.poll_max_hold_ms);
+    let hold = Duration::from_millis(state.sessions.limits().poll_max_hold_ms);
     loop {
         let r = match state
             .sessions

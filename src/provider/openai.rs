@@ -9,10 +9,10 @@
 //! whole file.
 
 use super::segmented::{self, UtteranceRecognizer};
-use super::tencent::Secret;
 use super::{
     OneShotAudio, Provider, ProviderError, ProviderStream, Readiness, Recognition, StreamOptions,
 };
+use crate::secret::Secret;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;

@@ -6,9 +6,10 @@
 use super::funasr::{FunAsrProvider, FunAsrSettings};
 use super::openai::{OpenAiProvider, OpenAiSettings};
 use super::tencent::{TencentProvider, TencentSettings};
-use super::Provider;
+use super::{Provider, ProviderError};
 use anyhow::Context;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -70,6 +71,36 @@ pub fn build(entry: ProviderEntry) -> anyhow::Result<Arc<dyn Provider>> {
         ProviderSpec::Openai(s) => Arc::new(OpenAiProvider::new(&entry.name, s)?),
         ProviderSpec::Funasr(s) => Arc::new(FunAsrProvider::new(&entry.name, s)?),
     })
+}
+
+/// The configured providers by name, and the default one.
+#[derive(Clone)]
+pub struct Providers {
+    /// Name of the provider sessions get when they name none.
+    pub default: String,
+    /// All configured providers.
+    pub by_name: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl Providers {
+    /// The provider named `name`, or the default one, with its name.
+    ///
+    /// # Errors
+    /// [`ProviderError::Unsupported`] listing the configured names.
+    pub fn get(&self, name: Option<&str>) -> Result<(String, Arc<dyn Provider>), ProviderError> {
+        let name = name.unwrap_or(&self.default).to_string();
+        match self.by_name.get(&name) {
+            Some(p) => Ok((name, Arc::clone(p))),
+            None => {
+                let mut names: Vec<_> = self.by_name.keys().cloned().collect();
+                names.sort();
+                Err(ProviderError::Unsupported(format!(
+                    "unknown provider {name:?}; configured: {}",
+                    names.join(", ")
+                )))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

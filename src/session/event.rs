@@ -1,6 +1,6 @@
 //! Session events (shared/api.md, "Event") and the per-session ordered event log read by cursor.
 
-use crate::provider::Word;
+use crate::provider::{Recognition, Word};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
@@ -100,6 +100,37 @@ impl Event {
             provider_code: None,
             reason: None,
             transcript: None,
+        }
+    }
+
+    /// A partial or final result of a provider.
+    pub fn recognition(kind: EventKind, r: Recognition) -> Self {
+        Self {
+            sentence: r.sentence,
+            text: r.text,
+            start_ms: r.start_ms,
+            end_ms: r.end_ms,
+            words: r.words,
+            ..Self::new(kind)
+        }
+    }
+
+    /// An `error` event; its text is the message.
+    pub fn error(code: &str, message: &str) -> Self {
+        Self::coded(EventKind::Error, code, message)
+    }
+
+    /// A `warning` event; its text is the message.
+    pub fn warning(code: &str, message: &str) -> Self {
+        Self::coded(EventKind::Warning, code, message)
+    }
+
+    fn coded(kind: EventKind, code: &str, message: &str) -> Self {
+        Self {
+            code: Some(code.into()),
+            message: Some(message.into()),
+            text: message.into(),
+            ..Self::new(kind)
         }
     }
 }

@@ -8,17 +8,14 @@
 
 use super::event::{EndReason, Event, EventKind, EventLog};
 use super::ingest::Ingest;
-use super::worker::{Upstream, Worker};
-use super::{
-    now_ms, parse_id, sentence_joiner, stored, CreateOptions, Sentence, Session, SessionError,
-    SessionManager, State,
-};
+use super::state::{RateLimit, Session, State, Status};
+use super::stored::{events_after, stored, Finals};
+use super::worker::Upstream;
+use super::{CreateOptions, SessionError, SessionManager};
 use crate::audio::{AudioFormat, Decoder};
-use crate::store::SessionRecord;
+use crate::clock::now_ms;
+use crate::store::{SessionProgress, SessionRecord};
 use bytes::Bytes;
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// The VAD frame (30 ms): replays start on this grid so voice detection sees the same frames.
@@ -35,7 +32,7 @@ impl SessionManager {
         let orphans = self.inner.store.unfinished().await?;
         let (mut resumed, mut failed) = (0, 0);
         for (rec, max_seq) in orphans {
-            match self.resume(&rec).await {
+            match self.resume(rec.clone()).await {
                 Ok(()) => resumed += 1,
                 Err(why) => {
                     tracing::warn!(session_id = %rec.id, %why, "cannot resume session");
@@ -53,12 +50,14 @@ impl SessionManager {
         max_seq: u64,
         why: &str,
     ) -> Result<(), SessionError> {
-        let mut err = Event::new(EventKind::Error);
+        let mut err = Event::error(
+            "server_restarted",
+            &format!(
+                "the server restarted while this session was open and could not resume it: {why}"
+            ),
+        );
+        err.text = String::new();
         err.seq = max_seq + 1;
-        err.code = Some("server_restarted".into());
-        err.message = Some(format!(
-            "the server restarted while this session was open and could not resume it: {why}"
-        ));
         self.inner
             .store
             .append_event(&rec.id, &stored(&err))
@@ -67,12 +66,12 @@ impl SessionManager {
         end.seq = max_seq + 2;
         end.reason = Some(EndReason::Failed);
         end.transcript = Some(rec.transcript.clone());
-        let progress = crate::store::SessionProgress {
-            status: "failed".into(),
+        let progress = SessionProgress {
+            status: EndReason::Failed.status().into(),
             acked_seq: rec.acked_seq,
             audio_ms: rec.audio_ms,
             transcript: rec.transcript.clone(),
-            end_reason: Some("failed".into()),
+            end_reason: Some(EndReason::Failed.status().into()),
             at_ms: now_ms(),
         };
         self.inner
@@ -82,12 +81,11 @@ impl SessionManager {
         Ok(())
     }
 
-    async fn resume(&self, rec: &SessionRecord) -> Result<(), String> {
-        let cfg = &self.inner.config;
-        let id = parse_id(&rec.id).map_err(|e| e.to_string())?;
+    async fn resume(&self, rec: SessionRecord) -> Result<(), String> {
+        let limits = &self.inner.limits;
         let opts: CreateOptions =
             serde_json::from_str(&rec.options_json).map_err(|e| format!("options: {e}"))?;
-        let (provider_name, provider) = self
+        let (_, provider) = self
             .inner
             .providers
             .get(Some(&rec.provider))
@@ -101,21 +99,17 @@ impl SessionManager {
             opts.channels.unwrap_or(1),
         )
         .map_err(|e| e.0)?;
-        let token_sha256: [u8; 32] = hex::decode(&rec.token_sha256)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or("stored token hash is malformed")?;
 
         // The ingest buffer as the uploads left it; contiguous chunks are decoded for the replay.
-        let mut ingest = Ingest::new(cfg.reorder_window, cfg.max_buffered_bytes);
+        let mut ingest = Ingest::new(limits.reorder_window, limits.max_buffered_bytes);
         let mut pcm = Vec::new();
-        for ch in self
+        let chunks = self
             .inner
             .store
             .chunks(&rec.id)
             .await
-            .map_err(|e| e.to_string())?
-        {
+            .map_err(|e| e.to_string())?;
+        for ch in chunks {
             ingest
                 .offer(ch.seq, Bytes::from(ch.data), ch.last)
                 .map_err(|e| format!("stored chunk {}: {e}", ch.seq))?;
@@ -123,31 +117,19 @@ impl SessionManager {
                 pcm.extend(decoder.push(&c).map_err(|e| e.0)?);
             }
         }
-        if rec.status == "finishing" {
+        let status = if rec.status == Status::Finishing.as_str() {
             ingest.request_finish();
-        }
+            Status::Finishing
+        } else {
+            Status::Open
+        };
 
-        // The event log as served so far.
-        let mut events = Vec::new();
-        for e in self
-            .inner
-            .store
-            .events_after(&rec.id, 0)
+        // The event log as served so far; its finals rebuild the transcript and say where the
+        // replay starts and how sentences continue.
+        let events = events_after(&*self.inner.store, &rec.id, 0)
             .await
-            .map_err(|e| e.to_string())?
-        {
-            events.push(serde_json::from_str::<Event>(&e.json).map_err(|e| e.to_string())?);
-        }
-        // Finals rebuild the transcript and say where the replay starts and how sentences
-        // continue.
-        let (mut finals, mut last_end, mut next_sentence) = (BTreeMap::new(), 0, 0);
-        for e in events.iter().filter(|e| e.kind == EventKind::Final) {
-            last_end = last_end.max(e.end_ms);
-            next_sentence = next_sentence.max(e.sentence.saturating_add(1));
-            if !e.text.is_empty() {
-                finals.insert(e.sentence, Sentence::of(e));
-            }
-        }
+            .map_err(|e| e.to_string())?;
+        let finals = Finals::of(&events);
         let reserved = self
             .inner
             .store
@@ -155,10 +137,9 @@ impl SessionManager {
             .await
             .map_err(|e| e.to_string())?;
         let log = EventLog::restore(events, reserved);
-        let last_seq = log.last_seq();
 
         // Replay from the end of the last final, on the VAD frame grid.
-        let from_ms = last_end / FRAME_MS * FRAME_MS;
+        let from_ms = finals.last_end_ms / FRAME_MS * FRAME_MS;
         let replay: Vec<i16> = pcm
             .get(usize::try_from(from_ms.saturating_mul(16)).unwrap_or(usize::MAX)..)
             .map(<[i16]>::to_vec)
@@ -168,47 +149,25 @@ impl SessionManager {
         let stream = provider
             .open(&stream_opts, cancel.clone())
             .map_err(|e| e.to_string())?;
-        let status = if rec.status == "finishing" {
-            "finishing"
-        } else {
-            "open"
+        let state = State::running(
+            status,
+            ingest,
+            log,
+            finals.sentences,
+            decoder.audio_ms(),
+            RateLimit::new(limits.max_chunks_per_s),
+        );
+        let session_id = rec.id.clone();
+        let session = Session::new(rec, format, self.inner.epoch, state)?;
+        let upstream = Upstream {
+            provider,
+            opts: stream_opts,
+            stream,
+            cancel,
         };
-        let session = Arc::new(Session {
-            id,
-            user: rec.user_id.clone(),
-            token_sha256,
-            provider: provider_name,
-            format,
-            joiner: sentence_joiner(&rec.engine),
-            engine: rec.engine.clone(),
-            created_at_ms: rec.created_at_ms,
-            epoch: self.inner.epoch,
-            state: Mutex::new(State::running(
-                status,
-                ingest,
-                log,
-                finals,
-                decoder.audio_ms(),
-                cfg,
-            )),
-            wake: Notify::new(),
-            log_tx: watch::Sender::new(last_seq),
-            cancel: CancellationToken::new(),
-        });
-        let worker = Worker::new(
-            self.clone(),
-            Arc::clone(&session),
-            Upstream {
-                provider,
-                opts: stream_opts,
-                stream,
-                cancel,
-            },
-            decoder,
-        )
-        .resuming(replay, from_ms, next_sentence);
-        self.start(session, worker);
-        tracing::info!(session_id = %id, replay_from_ms = from_ms, "session resumed");
+        let resume = (replay, from_ms, finals.next_sentence);
+        self.launch(session, upstream, decoder, Some(resume));
+        tracing::info!(%session_id, replay_from_ms = from_ms, "session resumed");
         Ok(())
     }
 }

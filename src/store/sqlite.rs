@@ -103,7 +103,10 @@ const SELECT_SESSION: &str =
 
 fn write_progress(c: &Connection, id: &str, p: &SessionProgress) -> Result<(), rusqlite::Error> {
     c.execute(
-        "UPDATE sessions SET status = ?2, acked_seq = ?3, audio_ms = ?4, transcript = ?5, \
+        // A status never goes back: `finishing` (stored before finish is answered) stays
+        // `finishing` under a progress write from an older snapshot, and an ended one stays ended.
+        "UPDATE sessions SET status = CASE WHEN ended_at_ms IS NOT NULL THEN status \
+         WHEN status = 'finishing' AND ?2 = 'open' THEN status ELSE ?2 END, acked_seq = ?3, audio_ms = ?4, transcript = ?5, \
          end_reason = COALESCE(?6, end_reason), updated_at_ms = ?7, \
          ended_at_ms = CASE WHEN ?6 IS NULL THEN ended_at_ms ELSE ?7 END WHERE id = ?1",
         params![

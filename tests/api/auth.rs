@@ -11,7 +11,7 @@ const SECRET: &str = "test-hs256-secret-of-enough-length";
 const ALICE_KEY: &str = "alice-key-0123456789abcdef";
 
 fn now() -> i64 {
-    (voxpoll::session::now_ms() / 1000) as i64
+    voxpoll::clock::now_s() as i64
 }
 
 fn hs256(claims: Value, secret: &str) -> String {

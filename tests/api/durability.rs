@@ -227,3 +227,42 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
         "same transcript as without the crash"
     );
 }
+
+/// `/finish`, or a retried last chunk that now carries `last=1`, is stored before it is
+/// answered: after a `kill -9` right after the answer, the restarted server finishes the
+/// session instead of waiting for more audio (or keeping it open while it is polled).
+#[tokio::test]
+async fn finish_survives_a_kill_9_right_after_it_is_answered() {
+    let dir = tempfile::tempdir().expect("dir");
+    let chunks = speech_chunks();
+    let n = 12; // 2.4 s: inside the first sentence
+    for via_last in [false, true] {
+        let db = dir.path().join(format!("finish-{via_last}.db"));
+        let a = Server::start(&db);
+        let (id, token) = create(&a).await;
+        for (i, c) in chunks.iter().take(n).enumerate() {
+            a.upload(&id, &token, i, false, c).await;
+        }
+        if via_last {
+            // A retry of the last chunk that carries `last=1`: answered as a duplicate.
+            a.upload(&id, &token, n - 1, true, &chunks[n - 1]).await;
+        } else {
+            let r = a
+                .http
+                .post(format!("{}/v1/sessions/{id}/finish", a.url))
+                .header("x-session-token", &token)
+                .send()
+                .await
+                .expect("finish");
+            assert_eq!(r.status(), 200);
+        }
+        a.kill9();
+        let b = Server::start(&db);
+        let events = tokio::time::timeout(Duration::from_secs(40), drain(&b, &id, &token, 0))
+            .await
+            .unwrap_or_else(|_| panic!("via_last={via_last}: the session never ended"));
+        let end = events.last().expect("events");
+        assert_eq!(end["type"], "end", "{events:?}");
+        assert_eq!(end["reason"], "finished", "via_last={via_last}: {events:?}");
+    }
+}

@@ -155,6 +155,11 @@ pub struct TestSession {
 }
 
 impl TestApp {
+    /// The server's SQLite file.
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("voxpoll.db")
+    }
+
     /// Stops the server and waits for it (bounded).
     pub async fn shutdown(&mut self) {
         self.shutdown.cancel();
@@ -323,6 +328,17 @@ impl TestApp {
             .expect("get");
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits (at most 10 s, checking every 10 ms) until `n` long-polls are held by the server,
+    /// as `/ready` reports them.
+    pub async fn until_polls_waiting(&self, n: u64) {
+        let url = format!("{}/ready", self.url);
+        until("long-polls held", || async {
+            let v: Value = self.http.get(&url).send().await.ok()?.json().await.ok()?;
+            (v["polls_waiting"].as_u64()? >= n).then_some(())
+        })
+        .await;
     }
 
     /// Polls until the `end` event; returns every event seen, in order.
@@ -497,4 +513,24 @@ pub fn assert_seqs_contiguous(events: &[Value], ctx: &str) {
 pub fn assert_seqs_ascending(events: &[Value], ctx: &str) {
     let seqs = event_seqs(events);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ctx}: {seqs:?}");
+}
+
+/// Waits (at most 10 s, checking every 10 ms) until `check` gives a value; panics naming
+/// `what` otherwise. The one way tests wait for something to happen.
+pub async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

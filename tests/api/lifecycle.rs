@@ -52,7 +52,7 @@ async fn shutdown_releases_waiting_polls_and_records_open_sessions() {
     let cursor = first["next_cursor"].as_u64().unwrap();
     let poll_started = Instant::now();
     let poll = app.poll_in_background(&s, cursor, 30_000);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.until_polls_waiting(1).await;
     let t = Instant::now();
     app.shutdown().await;
     assert!(

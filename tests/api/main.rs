@@ -8,6 +8,7 @@ mod durability;
 mod fakes;
 mod helpers;
 mod history;
+mod hostile;
 mod lifecycle;
 mod oneshot;
 mod protocol;

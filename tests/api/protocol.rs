@@ -299,7 +299,7 @@ async fn a_waiting_poll_returns_within_milliseconds_of_an_event() {
     let app = spawn_app().await;
     let s = app.create(echo()).await;
     let poll = app.poll_in_background(&s, 0, 20_000);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.until_polls_waiting(1).await;
     let sent = Instant::now();
     assert_eq!(
         app.upload(&s, "seq=0", vec![0; 320]).await.0,
@@ -325,7 +325,11 @@ async fn the_same_cursor_yields_the_same_events_and_uploads_can_carry_results() 
         app.upload(&s, &format!("seq={i}"), vec![0; 2 * (i + 1)])
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("the echo results of three chunks", || async {
+        let (_, p) = app.poll(&s, 0, 0).await;
+        (p["events"].as_array()?.len() >= 3).then_some(())
+    })
+    .await;
     let (_, a) = app.poll(&s, 1, 0).await;
     let (_, b) = app.poll(&s, 1, 0).await;
     assert_eq!(a["events"], b["events"]);
@@ -437,8 +441,11 @@ async fn idle_sessions_expire() {
     let app = spawn_app_with(|c| c.session_idle_ms = 500).await;
     let s = app.create(echo()).await;
     app.upload(&s, "seq=0", vec![0; 2]).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (_, info) = app.get(&s).await;
+    let info = until("the idle session to expire", || async {
+        let (_, info) = app.get(&s).await;
+        (info["status"] == "expired").then_some(info)
+    })
+    .await;
     assert_eq!(info["status"], "expired", "{info}");
     let events = app.collect_until_end(&s, Duration::from_secs(5)).await;
     assert!(events.iter().any(|e| e["code"] == "idle_timeout"));

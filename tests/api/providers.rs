@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use voxpoll::provider::funasr::{FunAsrProvider, FunAsrSettings};
 use voxpoll::provider::openai::{Flavor, OpenAiProvider, OpenAiSettings};
-use voxpoll::provider::tencent::{Secret, TencentCredentials, TencentProvider, TencentSettings};
+use voxpoll::provider::tencent::{TencentCredentials, TencentProvider, TencentSettings};
 use voxpoll::provider::Provider;
+use voxpoll::secret::Secret;
 
 fn creds(key: &str) -> TencentCredentials {
     TencentCredentials {
@@ -893,8 +894,14 @@ async fn funasr_two_pass_partials_then_finals() {
             "online deltas appended: {p}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let c = &fake.conns()[0];
+    let c = &until("the fake FunASR server to see the stream end", || async {
+        let conns = fake.conns();
+        conns
+            .first()
+            .is_some_and(|c| c.end_received && c.client_closed)
+            .then_some(conns)
+    })
+    .await[0];
     assert_eq!(c.config["mode"], "2pass");
     assert_eq!(c.config["chunk_size"], json!([5, 10, 5]));
     assert_eq!(

@@ -15,27 +15,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// A secret string: its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    /// The value, for signing only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+use crate::secret::Secret;
 
 /// Account credentials. Read from the environment (`TENCENT_APP_ID`, `TENCENT_SECRET_ID`,
 /// `TENCENT_SECRET_KEY`, optional `TENCENT_TOKEN` for temporary STS credentials); never from

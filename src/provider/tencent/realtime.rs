@@ -316,7 +316,7 @@ impl Upstream {
                 )
             })?;
         let host_path = format!("{}/{}", rest.trim_end_matches('/'), self.creds.app_id);
-        let now_s = crate::session::now_ms() / 1000;
+        let now_s = crate::clock::now_s();
         let params = handshake_params(&self.settings, &self.creds, &self.opts, voice_id, now_s);
         Ok(realtime_url(
             scheme,

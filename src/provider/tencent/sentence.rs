@@ -141,7 +141,7 @@ pub async fn recognize(
         .and_then(|h| h.split('.').next())
         .filter(|s| s.chars().all(|c| c.is_ascii_alphabetic()))
         .unwrap_or("asr");
-    let ts = (crate::session::now_ms() / 1000) as i64;
+    let ts = crate::clock::now_s() as i64;
     let auth = tc3_authorization(
         &creds.secret_id,
         creds.secret_key.expose(),

@@ -12,10 +12,11 @@
 //!   `Accept-Encoding: gzip` as real clients send it: compressing proxies buffer);
 //! - the largest request body accepted (`POST /v1/probe/echo`, growing sizes).
 
-use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::Message;
+mod probes;
+
+use probes::{probe_body, probe_health, probe_hold, probe_stream, probe_ws};
+use std::time::Duration;
 
 /// `voxpoll doctor` arguments.
 #[derive(clap::Args, Debug, Clone)]
@@ -34,6 +35,27 @@ pub struct DoctorArgs {
     /// Timeout of the quick probes (health, WebSocket, stream, bodies), in seconds.
     #[arg(long, default_value_t = 10)]
     pub timeout_s: u64,
+    /// API key for a deployment with auth on (sent as `X-Api-Key`; the probes need it there).
+    #[arg(long, env = "VOXPOLL_DOCTOR_API_KEY", hide_env_values = true)]
+    pub api_key: Option<crate::secret::Secret>,
+    /// Bearer JWT for a deployment with auth on (sent as `Authorization: Bearer …`).
+    #[arg(long, env = "VOXPOLL_DOCTOR_TOKEN", hide_env_values = true)]
+    pub token: Option<crate::secret::Secret>,
+}
+
+/// The credentials headers the probes send.
+fn credentials(args: &DoctorArgs) -> anyhow::Result<reqwest::header::HeaderMap> {
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Some(k) = &args.api_key {
+        h.insert("x-api-key", k.expose().parse()?);
+    }
+    if let Some(t) = &args.token {
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", t.expose()).parse()?,
+        );
+    }
+    Ok(h)
 }
 
 /// Everything doctor measured, plus the verdict. The JSON shape of `--json`.
@@ -181,10 +203,14 @@ pub async fn diagnose(args: &DoctorArgs) -> anyhow::Result<Report> {
         "URL must start with http:// or https://"
     );
     let quick = Duration::from_secs(args.timeout_s);
-    let http = reqwest::Client::builder().connect_timeout(quick).build()?;
+    let creds = credentials(args)?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(quick)
+        .default_headers(creds.clone())
+        .build()?;
     let (health, websocket, hold, buffering, body) = tokio::join!(
         probe_health(&http, &base, quick),
-        probe_ws(&base, quick),
+        probe_ws(&base, quick, &creds),
         probe_hold(&http, &base, args.max_hold_s * 1000),
         probe_stream(&http, &base, quick),
         probe_body(&http, &base, args.max_body_bytes, quick),
@@ -211,264 +237,6 @@ pub async fn diagnose(args: &DoctorArgs) -> anyhow::Result<Report> {
     };
     report.verdict = verdict(&report);
     Ok(report)
-}
-
-type Health = (bool, Option<bool>, Option<u16>, Option<String>, Option<u64>);
-
-async fn probe_health(http: &reqwest::Client, base: &str, timeout: Duration) -> Health {
-    let https = base.starts_with("https://");
-    let mut best: Option<u64> = None;
-    let mut status = None;
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        match http
-            .get(format!("{base}/health"))
-            .timeout(timeout)
-            .send()
-            .await
-        {
-            Ok(r) => {
-                status = Some(r.status().as_u16());
-                let _ = r.bytes().await;
-                let ms = t0.elapsed().as_millis() as u64;
-                best = Some(best.map_or(ms, |b| b.min(ms)));
-            }
-            Err(e) => {
-                let msg = error_chain(&e);
-                let tls = https.then(|| !looks_like_tls(&msg));
-                return (false, tls, None, Some(msg), None);
-            }
-        }
-    }
-    let ok = status == Some(200);
-    (ok, https.then_some(true), status, None, best)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-fn looks_like_tls(msg: &str) -> bool {
-    let m = msg.to_ascii_lowercase();
-    m.contains("certificate") || m.contains("tls") || m.contains("handshake")
-}
-
-async fn probe_ws(base: &str, timeout: Duration) -> WsProbe {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let url = format!("{}/v1/probe/ws", base.replacen("http", "ws", 1));
-    let t0 = Instant::now();
-    let mk = |outcome: &str, status, close_code, ready_ms, detail: String| WsProbe {
-        outcome: outcome.into(),
-        status,
-        close_code,
-        ready_ms,
-        detail,
-    };
-    let conn = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(&url)).await;
-    let mut ws = match conn {
-        Err(_) => {
-            return mk(
-                "silent",
-                None,
-                None,
-                None,
-                format!("no answer to the upgrade within {} s", timeout.as_secs()),
-            )
-        }
-        Ok(Err(WsError::Http(resp))) => {
-            let status = resp.status().as_u16();
-            return mk(
-                "refused",
-                Some(status),
-                None,
-                None,
-                format!("upgrade answered {status} instead of 101"),
-            );
-        }
-        Ok(Err(e)) => return mk("error", None, None, None, error_chain(&e)),
-        Ok(Ok((ws, _))) => ws,
-    };
-    // The server speaks first; then one echo round trip.
-    let deadline = Instant::now() + timeout;
-    let mut ready_ms = None;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.next()).await {
-            Err(_) => {
-                let what = if ready_ms.is_some() {
-                    "no echo"
-                } else {
-                    "101 Switching Protocols, then no frame"
-                };
-                return mk(
-                    "silent",
-                    None,
-                    None,
-                    ready_ms,
-                    format!("{what} within {} s", timeout.as_secs()),
-                );
-            }
-            Ok(None) | Ok(Some(Err(_))) => {
-                return mk(
-                    "closed",
-                    None,
-                    Some(1006),
-                    ready_ms,
-                    "socket dropped without a close frame".into(),
-                )
-            }
-            Ok(Some(Ok(Message::Close(frame)))) => {
-                let code = frame.map_or(1005, |f| u16::from(f.code));
-                return mk(
-                    "closed",
-                    None,
-                    Some(code),
-                    ready_ms,
-                    format!("closed with {code} before the probe finished"),
-                );
-            }
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if ready_ms.is_none() && t.contains("ready") {
-                    ready_ms = Some(t0.elapsed().as_millis() as u64);
-                    if ws.send(Message::text("{\"type\":\"echo\"}")).await.is_err() {
-                        return mk(
-                            "closed",
-                            None,
-                            Some(1006),
-                            ready_ms,
-                            "send failed after ready".into(),
-                        );
-                    }
-                } else if t.contains("echo") {
-                    let _ = ws.close(None).await;
-                    return mk(
-                        "ok",
-                        None,
-                        None,
-                        ready_ms,
-                        "upgrade passed; frames flow both ways".into(),
-                    );
-                }
-            }
-            Ok(Some(Ok(_))) => {}
-        }
-    }
-}
-
-async fn probe_hold(http: &reqwest::Client, base: &str, asked_ms: u64) -> HoldProbe {
-    let t0 = Instant::now();
-    let r = http
-        .get(format!("{base}/v1/probe/hold?ms={asked_ms}"))
-        .timeout(Duration::from_millis(asked_ms + 15_000))
-        .send()
-        .await;
-    let cut = |status| HoldProbe {
-        asked_ms,
-        survived: false,
-        cut_at_ms: Some(t0.elapsed().as_millis() as u64),
-        status,
-    };
-    match r {
-        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
-            Ok(_) => HoldProbe {
-                asked_ms,
-                survived: true,
-                cut_at_ms: None,
-                status: Some(200),
-            },
-            Err(_) => cut(Some(200)),
-        },
-        Ok(resp) => cut(Some(resp.status().as_u16())),
-        Err(_) => cut(None),
-    }
-}
-
-async fn probe_stream(http: &reqwest::Client, base: &str, timeout: Duration) -> StreamProbe {
-    const EVENTS: u64 = 5;
-    const INTERVAL_MS: u64 = 400;
-    let t0 = Instant::now();
-    let fail = |e: String| StreamProbe {
-        buffered: None,
-        first_event_ms: None,
-        total_ms: None,
-        error: Some(e),
-    };
-    let resp = match http
-        .get(format!(
-            "{base}/v1/probe/stream?events={EVENTS}&interval_ms={INTERVAL_MS}"
-        ))
-        // As browsers and WeChat do: compressing proxies (nginx `gzip on`) buffer then.
-        .header("accept-encoding", "gzip")
-        .timeout(timeout + Duration::from_millis(EVENTS * INTERVAL_MS))
-        .send()
-        .await
-    {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => return fail(format!("HTTP {}", r.status().as_u16())),
-        Err(e) => return fail(error_chain(&e)),
-    };
-    let mut body = resp.bytes_stream();
-    let mut first = None;
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(b) if !b.is_empty() && first.is_none() => {
-                first = Some(t0.elapsed().as_millis() as u64)
-            }
-            Ok(_) => {}
-            Err(e) => return fail(error_chain(&e)),
-        }
-    }
-    let total = t0.elapsed().as_millis() as u64;
-    let span = (EVENTS - 1) * INTERVAL_MS;
-    let buffered = first.map(|f| f + span / 2 >= total && total >= span);
-    StreamProbe {
-        buffered,
-        first_event_ms: first,
-        total_ms: Some(total),
-        error: None,
-    }
-}
-
-async fn probe_body(
-    http: &reqwest::Client,
-    base: &str,
-    max: usize,
-    timeout: Duration,
-) -> BodyProbe {
-    let mut out = BodyProbe {
-        largest_ok: None,
-        refused_at: None,
-        refused_status: None,
-    };
-    for size in SIZES.into_iter().filter(|&s| s <= max) {
-        let r = http
-            .post(format!("{base}/v1/probe/echo"))
-            .header("content-type", "application/octet-stream")
-            .body(vec![0u8; size])
-            .timeout(timeout)
-            .send()
-            .await;
-        match r {
-            Ok(resp) if resp.status().is_success() => out.largest_ok = Some(size),
-            Ok(resp) => {
-                out.refused_at = Some(size);
-                out.refused_status = Some(resp.status().as_u16());
-                break;
-            }
-            Err(_) => {
-                out.refused_at = Some(size);
-                break;
-            }
-        }
-    }
-    out
 }
 
 fn problem(code: &str, message: String) -> Problem {
@@ -529,6 +297,14 @@ pub fn verdict(r: &Report) -> Verdict {
     }
     let default_max = 96 * 1024;
     let max_chunk_bytes = match (r.body.largest_ok, r.body.refused_at) {
+        (None, Some(refused)) if r.reachable => {
+            problems.push(problem("body_refused", format!(
+                "every request body was refused, down to {} KB{}: chunk uploads cannot pass this path; raise the proxy's body limit (nginx client_max_body_size) or check its upstream",
+                refused / 1024,
+                r.body.refused_status.map_or(String::new(), |s| format!(" (HTTP {s})")),
+            )));
+            0
+        }
         (ok, Some(refused)) if r.reachable => {
             let ok = ok.unwrap_or(0);
             problems.push(problem("body_cap", format!(
