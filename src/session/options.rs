@@ -54,6 +54,11 @@ impl CreateOptions {
     /// # Errors
     /// [`InvalidOption`] naming the field.
     pub fn stream_options(&self) -> Result<StreamOptions, InvalidOption> {
+        for (name, v) in [("engine", &self.engine), ("provider", &self.provider)] {
+            if let Some(v) = v {
+                check_name(name, v)?;
+            }
+        }
         if let Some(list) = &self.hotword_list {
             check_hotwords(list).map_err(InvalidOption)?;
         }
@@ -91,6 +96,28 @@ impl CreateOptions {
             encoded: None,
         })
     }
+}
+
+/// Longest engine model type or provider name, characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// An engine model type or provider name: 1–64 characters of `A–Z a–z 0–9 _ - .`. A bad one is
+/// named in the error by its first characters only, never echoed whole.
+fn check_name(field: &str, v: &str) -> Result<(), InvalidOption> {
+    let ok = (1..=MAX_NAME_CHARS).contains(&v.chars().count())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        return Ok(());
+    }
+    let mut short: String = v.chars().take(16).collect();
+    if short.len() < v.len() {
+        short.push('…');
+    }
+    Err(InvalidOption(format!(
+        "{field} {short:?} ({} bytes) is not a name: 1 to {MAX_NAME_CHARS} characters of A-Z, a-z, 0-9, _, - and .",
+        v.len()
+    )))
 }
 
 /// Most hot words in a `hotword_list` (Tencent's limit, shared/providers.md §1.2).
@@ -300,6 +327,12 @@ mod tests {
         for (field, bad) in cases {
             assert!(bad.stream_options().unwrap_err().0.contains(field));
         }
+        let huge = CreateOptions {
+            engine: Some("x".repeat(60_000)),
+            ..Default::default()
+        };
+        let msg = huge.stream_options().unwrap_err().0;
+        assert!(msg.len() < 200 && msg.contains("60000 bytes"), "{msg}");
         let ok = CreateOptions::default().stream_options().unwrap();
         assert_eq!(ok.engine, "16k_zh");
         assert!(ok.partials);

@@ -311,3 +311,22 @@ async fn doctor_narrows_down_a_body_cap_below_its_first_probe() {
     assert_eq!(report.body.largest_ok, Some(10 * 1024), "{:?}", report.body);
     assert_eq!(report.verdict.max_chunk_bytes, 10 * 1024);
 }
+
+#[tokio::test]
+async fn a_huge_engine_name_is_refused_without_being_echoed() {
+    let app = spawn_app().await;
+    let r = app
+        .http
+        .post(format!("{}/v1/sessions", app.url))
+        .json(&json!({"engine": "e".repeat(60_000)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_option");
+    assert!(
+        body["error"]["message"].as_str().unwrap().len() < 300,
+        "{body}"
+    );
+}
