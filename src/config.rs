@@ -61,6 +61,11 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_MAX_BUFFERED_BYTES", default_value_t = defaults::MAX_BUFFERED_BYTES)]
     pub max_buffered_bytes: usize,
 
+    /// Session creations per second on this instance (bursts of twice that); beyond it 429
+    /// `rate_limited`. Every session leaves a row kept for `history_retention_ms`.
+    #[arg(long, env = "VOXPOLL_MAX_CREATES_PER_S", default_value_t = defaults::MAX_CREATES_PER_S)]
+    pub max_creates_per_s: u32,
+
     /// Sessions open at once on this instance; beyond it creation gets 429.
     #[arg(long, env = "VOXPOLL_MAX_SESSIONS", default_value_t = defaults::MAX_SESSIONS)]
     pub max_sessions: usize,
@@ -224,6 +229,7 @@ mod defaults {
     pub const REORDER_WINDOW: u64 = 16;
     pub const MAX_BUFFERED_BYTES: usize = 2 * 1024 * 1024;
     pub const MAX_SESSIONS: usize = 64;
+    pub const MAX_CREATES_PER_S: u32 = 20;
     pub const SESSION_IDLE_MS: u64 = 60_000;
     pub const SESSION_MAX_AUDIO_MS: u64 = 600_000;
     pub const SESSION_LINGER_MS: u64 = 120_000;
@@ -295,6 +301,7 @@ impl Config {
             reorder_window: REORDER_WINDOW,
             max_buffered_bytes: MAX_BUFFERED_BYTES,
             max_sessions: MAX_SESSIONS,
+            max_creates_per_s: MAX_CREATES_PER_S,
             session_idle_ms: SESSION_IDLE_MS,
             session_max_audio_ms: SESSION_MAX_AUDIO_MS,
             session_linger_ms: SESSION_LINGER_MS,
@@ -371,6 +378,10 @@ impl Config {
         anyhow::ensure!(self.decode_workers > 0, "--decode-workers must be > 0");
         anyhow::ensure!(self.decode_threads > 0, "--decode-threads must be > 0");
         anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
+        anyhow::ensure!(
+            self.max_creates_per_s > 0,
+            "--max-creates-per-s must be > 0"
+        );
         anyhow::ensure!(self.max_upload_bytes > 0, "--max-upload-bytes must be > 0");
         anyhow::ensure!(
             self.max_recognize_concurrent > 0,

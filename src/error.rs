@@ -455,11 +455,13 @@ impl From<SessionError> for ApiError {
                     retry_after_s: RETRY_SESSIONS_S,
                 }
             }
-            SessionError::RateLimited { .. } => ApiError::TooBusy {
-                code: "rate_limited",
-                message,
-                retry_after_s: RETRY_UPLOAD_S,
-            },
+            SessionError::RateLimited { .. } | SessionError::CreatesRateLimited { .. } => {
+                ApiError::TooBusy {
+                    code: "rate_limited",
+                    message,
+                    retry_after_s: RETRY_UPLOAD_S,
+                }
+            }
             SessionError::InvalidOption(o) => o.into(),
             SessionError::UnsupportedAudio(m) => ApiError::UnsupportedAudio(m),
             SessionError::Provider(p) => p.into(),

@@ -16,6 +16,11 @@ use symphonia::core::formats::Packet;
 /// Bytes searched for the first frame before the stream is declared not to be MP3/ADTS.
 const MAX_SYNC_SEARCH: usize = 64 * 1024;
 
+/// Largest ID3v2 tag skipped before the first MP3 frame, bytes. A tag is held whole until it
+/// ends, so a bigger one (a 256 MiB size field with no audio behind it) would hold memory that
+/// `max_buffered_bytes` never sees; recorders write none or a few KB.
+pub const MAX_ID3_BYTES: usize = 1024 * 1024;
+
 /// Which frame syntax to expect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -93,6 +98,11 @@ impl FrameDecoder {
         loop {
             if !self.synced && self.framing == Framing::Mp3 && pos == 0 {
                 match id3_len(&self.buf) {
+                    Some(Some(n)) if n > MAX_ID3_BYTES => {
+                        return Err(AudioError(format!(
+                            "an ID3 tag of {n} bytes before the first MP3 frame; at most {MAX_ID3_BYTES} bytes are skipped"
+                        )));
+                    }
                     Some(Some(n)) if self.buf.len() >= n => {
                         pos = n;
                         self.skipped += n;

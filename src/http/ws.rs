@@ -17,7 +17,7 @@
 //!
 //! Client → server:
 //! - binary frame = one chunk: 4-byte big-endian `seq`, 1 flag byte (bit 0 = last), the audio
-//!   bytes (at most `max_chunk_bytes`; a frame over twice that closes the socket);
+//!   bytes (at most `max_chunk_bytes`; a frame over twice that closes the socket with 1009);
 //! - text `{"type":"finish"}`, `{"type":"cancel"}`, `{"type":"ping"}`.
 
 use super::{respond, session_ref, with_state, AppState, SessionRef};
@@ -162,7 +162,23 @@ async fn serve(socket: WebSocket, id: String, token: Option<String>, after: u64,
         tx.clone(),
     ));
 
-    while let Some(Ok(msg)) = stream.next().await {
+    while let Some(next) = stream.next().await {
+        let msg = match next {
+            Ok(msg) => msg,
+            Err(e) => {
+                // A frame past the socket's limit (RFC 6455 §7.4.1: 1009 "message too big"),
+                // or a frame that breaks the protocol (1002).
+                let text = e.to_string();
+                let code = if text.contains("Space limit") || text.contains("too long") {
+                    1009u16
+                } else {
+                    1002
+                };
+                tracing::debug!(error = %text, code, "socket read failed");
+                let _ = tx.send(Message::close_with(code, "frame refused")).await;
+                break;
+            }
+        };
         if msg.is_close() {
             break;
         }

@@ -62,6 +62,12 @@ pub enum SessionError {
         /// `max_chunks_per_s`.
         per_s: u32,
     },
+    /// Sessions are created faster than `max_creates_per_s`.
+    #[error("more than {per_s} sessions created per second on this instance; retry shortly")]
+    CreatesRateLimited {
+        /// `max_creates_per_s`.
+        per_s: u32,
+    },
     /// A creation option is invalid.
     #[error(transparent)]
     InvalidOption(#[from] InvalidOption),

@@ -43,7 +43,7 @@ use crate::provider::registry::Providers;
 use crate::store::{ChunkRecord, SessionRecord, SessionStore};
 use bytes::Bytes;
 use ingest::Accepted;
-use state::{parse_id, Session, State};
+use state::{parse_id, RateLimit, Session, State};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,6 +90,8 @@ struct Inner {
     epoch: u64,
     /// Long-polls being held now.
     waiting: AtomicUsize,
+    /// Session creations (`max_creates_per_s`).
+    creates: Mutex<RateLimit>,
     /// Group commit of accepted chunks.
     writer: durable::ChunkWriter,
 }
@@ -110,6 +112,7 @@ impl SessionManager {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                creates: Mutex::new(RateLimit::new(limits.max_creates_per_s)),
                 limits: Arc::new(limits),
                 writer: durable::ChunkWriter::spawn(Arc::clone(&store)),
                 store,
@@ -167,7 +170,8 @@ impl SessionManager {
     }
 
     /// Takes a place in the budgets for a new session of `user`: refused over
-    /// `max_sessions` open or being created, or over `max_sessions_per_user` for `user`.
+    /// `max_sessions` open or being created, over `max_sessions_per_user` for `user`, or (for
+    /// a session the budgets admit) over `max_creates_per_s`.
     fn admit(&self, user: Option<&str>) -> Result<Admission, SessionError> {
         let limits = &self.inner.limits;
         let mut r = self.sessions();
@@ -195,6 +199,16 @@ impl SessionManager {
                     max: limits.max_sessions_per_user,
                 });
             }
+        }
+        let per_s = limits.max_creates_per_s;
+        let allowed = self
+            .inner
+            .creates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(per_s, Instant::now());
+        if !allowed {
+            return Err(SessionError::CreatesRateLimited { per_s });
         }
         let user = user.map(str::to_string);
         r.admitting.push(user.clone());
@@ -360,9 +374,6 @@ impl SessionManager {
             let to_commit = running && !st.committed.contains(&seq);
             (accepted, ack, to_commit, finishing)
         };
-        if accepted == Accepted::New || last {
-            s.wake.notify_one();
-        }
         if to_commit {
             let rec = ChunkRecord {
                 session_id: uuid.to_string(),
@@ -375,6 +386,11 @@ impl SessionManager {
         }
         if finishing {
             self.store_finishing(&s).await?;
+        }
+        // The worker hears of a chunk once it is stored: what the provider gets is always
+        // what a restart would replay, and the answer is ready before any result of it.
+        if accepted == Accepted::New || last {
+            s.wake.notify_one();
         }
         Ok(ack)
     }

@@ -201,6 +201,8 @@ pub struct SessionLimits {
     pub max_buffered_bytes: usize,
     /// Sessions open at once on this instance.
     pub max_sessions: usize,
+    /// Session creations per second on this instance (bursts of twice that).
+    pub max_creates_per_s: u32,
     /// Sessions open at once per authenticated user.
     pub max_sessions_per_user: usize,
     /// No upload and no poll for this long expires a session, ms.
@@ -229,6 +231,7 @@ impl From<&Config> for SessionLimits {
             reorder_window: c.reorder_window,
             max_buffered_bytes: c.max_buffered_bytes,
             max_sessions: c.max_sessions,
+            max_creates_per_s: c.max_creates_per_s,
             max_sessions_per_user: c.max_sessions_per_user,
             session_idle_ms: c.session_idle_ms,
             session_max_audio_ms: c.session_max_audio_ms,

@@ -349,3 +349,44 @@ async fn retries_are_bounded_and_a_non_transient_error_ends_the_session() {
     let kinds: Vec<_> = r.log().into_iter().map(|e| e.1).collect();
     assert_eq!(kinds, vec![EventKind::Warning, EventKind::Error]);
 }
+
+#[tokio::test]
+async fn an_event_is_visible_only_once_stored_and_a_failed_write_is_retried() {
+    let mut r = rig().await;
+    // Seqs are reserved by the first event; the second one's store write is the one that fails.
+    r.provider_says(ProviderEvent::Final(rec(0, "first", 0, 10)))
+        .await;
+    // Another connection holds the write lock past the store's 5 s busy timeout.
+    let lock = rusqlite::Connection::open(r._dir.path().join("w.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let Rig { mut worker, s, .. } = r;
+    let step = tokio::spawn(async move {
+        let end = worker
+            .step(Input::Provider(Some(ProviderEvent::Final(rec(
+                1, "second", 10, 20,
+            )))))
+            .await;
+        (worker, end)
+    });
+    tokio::time::sleep(Duration::from_millis(5_600)).await;
+    assert!(!step.is_finished(), "the worker waits for the store");
+    assert_eq!(
+        s.read_after(1).events.len(),
+        0,
+        "an unstored event was visible"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    let (worker, end) = tokio::time::timeout(Duration::from_secs(10), step)
+        .await
+        .expect("the retry succeeds once the lock is gone")
+        .unwrap();
+    assert_eq!(end, None);
+    assert_eq!(s.read_after(1).events[0].text, "second");
+    let stored = worker
+        .ctx
+        .store
+        .events_after(&s.id.to_string(), 1)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+}

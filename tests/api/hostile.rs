@@ -269,32 +269,6 @@ async fn a_compressed_file_declaring_hours_is_refused_once_its_limit_is_decoded(
 }
 
 #[tokio::test]
-async fn events_are_visible_only_once_they_are_stored() {
-    let app = spawn_app().await;
-    let s = app.create(json!({"provider": "echo"})).await;
-    let lock = rusqlite::Connection::open(app.db_path()).expect("open db");
-    lock.execute_batch("BEGIN IMMEDIATE").expect("lock");
-    // The chunk reaches the session (its echo result is due) but nothing can be stored.
-    let (st, body) = app.upload(&s, "seq=0", vec![0u8; 320]).await;
-    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let (_, page) = app.poll(&s, 0, 8_000).await;
-    assert_eq!(page["events"], json!([]), "an unstored event was served");
-    lock.execute_batch("ROLLBACK").expect("unlock");
-    let (_, page) = app.poll(&s, 0, 10_000).await;
-    let seq = page["events"][0]["seq"]
-        .as_u64()
-        .expect("the event, once stored");
-    let stored: i64 = lock
-        .query_row(
-            "SELECT COUNT(*) FROM session_events WHERE session_id = ?1 AND seq = ?2",
-            rusqlite::params![s.id, seq as i64],
-            |r| r.get(0),
-        )
-        .expect("query");
-    assert_eq!(stored, 1);
-}
-
-#[tokio::test]
 async fn doctor_narrows_down_a_body_cap_below_its_first_probe() {
     // The echo probe refuses bodies over 10 KiB: below doctor's first size (16 KiB).
     let app = spawn_app_with(|c| c.probe_max_body_bytes = 10 * 1024).await;
@@ -329,4 +303,89 @@ async fn a_huge_engine_name_is_refused_without_being_echoed() {
         body["error"]["message"].as_str().unwrap().len() < 300,
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn an_id3_tag_declaring_256_mib_fails_the_session_at_once() {
+    let app = spawn_app().await;
+    let s = app
+        .create(json!({"provider": "echo", "format": "mp3"}))
+        .await;
+    // ID3v2.4 header with the largest syncsafe size (256 MiB), then filler.
+    let mut chunk = b"ID3\x04\x00\x00\x7f\x7f\x7f\x7f".to_vec();
+    chunk.extend(vec![0u8; 8 * 1024]);
+    let (st, body) = app.upload(&s, "seq=0", chunk).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let events = app.collect_until_end(&s, Duration::from_secs(10)).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["code"] == "unsupported_audio"
+                && e["message"].as_str().unwrap().contains("ID3")),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap()["reason"], "failed");
+    let (st, _) = app.upload(&s, "seq=1", vec![0u8; 8 * 1024]).await;
+    assert_eq!(st, StatusCode::GONE, "no more bytes are taken");
+}
+
+#[tokio::test]
+async fn an_oversized_websocket_frame_closes_with_1009() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = spawn_app_with(|c| c.max_chunk_bytes = 1000).await;
+    let s = app.create(json!({"provider": "echo"})).await;
+    let url = format!("{}/v1/sessions/{}/ws", app.url.replace("http", "ws"), s.id);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-session-token", s.token.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    let mut frame = 0u32.to_be_bytes().to_vec();
+    frame.push(0);
+    frame.extend(vec![0u8; 2_100]);
+    ws.send(Message::binary(frame)).await.expect("send");
+    let code = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(Some(c))) => return Some(u16::from(c.code)),
+                Ok(Message::Close(None)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+        None
+    })
+    .await
+    .expect("the socket ends");
+    assert_eq!(code, Some(1009));
+}
+
+#[tokio::test]
+async fn session_creation_is_rate_limited_per_instance() {
+    let app = spawn_app_with(|c| c.max_creates_per_s = 5).await;
+    let (mut created, mut limited) = (0, 0);
+    for _ in 0..30 {
+        let r = app
+            .http
+            .post(format!("{}/v1/sessions", app.url))
+            .json(&json!({"provider": "echo"}))
+            .send()
+            .await
+            .unwrap();
+        match r.status() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+                limited += 1;
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // A burst of twice the rate, plus what refills while the loop runs.
+    assert!((10..20).contains(&created), "{created} created");
+    assert_eq!(created + limited, 30);
 }
