@@ -398,18 +398,9 @@ impl SessionManager {
     /// Records that the session's audio is complete, before that is acknowledged, so a restart
     /// finishes the session instead of waiting for audio.
     async fn store_finishing(&self, s: &Session) -> Result<(), SessionError> {
-        let rec = s.record(&s.lock());
-        let progress = crate::store::SessionProgress {
-            status: rec.status,
-            acked_seq: rec.acked_seq,
-            audio_ms: rec.audio_ms,
-            transcript: rec.transcript,
-            end_reason: None,
-            at_ms: now_ms(),
-        };
         self.inner
             .store
-            .update_progress(&rec.id, &progress)
+            .update_progress(&s.id.to_string(), &s.progress(None))
             .await
             .map_err(SessionError::from)
     }

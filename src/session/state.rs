@@ -9,7 +9,7 @@ use super::options::SessionLimits;
 use super::view::{PollResult, Sentence};
 use crate::audio::AudioFormat;
 use crate::clock::now_ms;
-use crate::store::SessionRecord;
+use crate::store::{SessionProgress, SessionRecord};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -238,6 +238,19 @@ impl Session {
         rec.updated_at_ms = st.updated_at_ms;
         rec.ended_at_ms = st.ended_at_ms;
         rec
+    }
+
+    /// The progress row as it stands now; with `end`, as the session ends for that reason.
+    pub(super) fn progress(&self, end: Option<EndReason>) -> SessionProgress {
+        let rec = self.record(&self.lock());
+        SessionProgress {
+            status: end.map_or(rec.status, |r| r.status().to_string()),
+            acked_seq: rec.acked_seq,
+            audio_ms: rec.audio_ms,
+            transcript: rec.transcript,
+            end_reason: end.map(|r| r.status().to_string()),
+            at_ms: now_ms(),
+        }
     }
 
     /// Appends an event and keeps the finals; with `publish`, also makes it visible and wakes

@@ -16,7 +16,6 @@ use super::replay::Replay;
 use super::state::{Session, Status};
 use super::stored::stored;
 use crate::audio::Decoder;
-use crate::clock::now_ms;
 use crate::provider::{Provider, ProviderEvent, ProviderInput, ProviderStream, StreamOptions};
 use crate::store::{SessionProgress, SessionStore};
 use std::collections::VecDeque;
@@ -542,15 +541,7 @@ impl Worker {
     }
 
     fn progress(&self, end: Option<EndReason>) -> SessionProgress {
-        let rec = self.s.record(&self.s.lock());
-        SessionProgress {
-            status: end.map_or(rec.status, |r| r.status().to_string()),
-            acked_seq: rec.acked_seq,
-            audio_ms: rec.audio_ms,
-            transcript: rec.transcript,
-            end_reason: end.map(|r| r.status().to_string()),
-            at_ms: now_ms(),
-        }
+        self.s.progress(end)
     }
 
     async fn record_end(&mut self, reason: EndReason) {
