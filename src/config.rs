@@ -92,7 +92,8 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_DECODE_WORKERS", default_value_t = default_workers())]
     pub decode_workers: usize,
 
-    /// CPU threads per decode.
+    /// Least CPU threads per decode; a decode running while other workers idle takes their
+    /// share of the machine's cores too.
     #[arg(long, env = "VOXPOLL_DECODE_THREADS", default_value_t = defaults::DECODE_THREADS)]
     pub decode_threads: usize,
 

@@ -118,6 +118,11 @@ async fn partials_arrive_before_the_last_chunk_is_sent() {
     }
     let partial_at = first_partial.await.unwrap().expect("a partial arrived");
     let last_chunk_at = last_chunk_at.unwrap();
+    eprintln!(
+        "first partial {:?} after the first chunk, {:?} before the last",
+        partial_at.saturating_duration_since(started.into_std()),
+        last_chunk_at.saturating_duration_since(partial_at)
+    );
     assert!(
         partial_at < last_chunk_at,
         "first partial {:?} after the last chunk",
