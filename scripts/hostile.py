@@ -354,6 +354,30 @@ def c_idle_sockets():
     return healthy and closed == 160, f"health {'ok' if healthy else 'timed out'}, {closed}/160 closed by the server", None
 
 
+def c_connection_cap():
+    proc, addr = start_server(os.path.join(TMP, "conns.db"), "--max-connections", "100")
+    host, port = addr.rsplit(":", 1)
+    socks, refused = [], 0
+    try:
+        for _ in range(130):
+            socks.append(socket.create_connection((host, int(port))))
+        time.sleep(0.5)
+        for s in socks:
+            s.settimeout(0.05)
+            try:
+                refused += b"too_many_connections" in s.recv(512)
+            except OSError:
+                pass
+        for s in socks:
+            s.close()
+        time.sleep(0.2)
+        status = req("GET", "/health", port=int(port))[0]
+    finally:
+        proc.kill()
+    ok = refused == 30 and status == 200
+    return ok, f"{refused}/30 past the cap got 503 too_many_connections, then /health {status}", None
+
+
 def c_h2c():
     s = socket.create_connection((HOST, PORT), timeout=5)
     s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -379,6 +403,7 @@ CLASSES = [
     ("seq, cursor, token, id, method, JSON edges", c_edges),
     ("WebSocket frame over twice max_chunk_bytes", c_ws_oversize),
     ("160 sockets that never send a byte", c_idle_sockets),
+    ("130 sockets at max_connections 100", c_connection_cap),
     ("HTTP/2 prior knowledge (h2c)", c_h2c),
 ]
 

@@ -189,6 +189,13 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_HEADER_READ_TIMEOUT_MS", default_value_t = defaults::HEADER_READ_TIMEOUT_MS)]
     pub header_read_timeout_ms: u64,
 
+    /// TCP connections served at once (every protocol the listener accepts: HTTP/1.1 and
+    /// WebSocket; HTTP/2 is not spoken). Beyond it a new connection is answered 503
+    /// `too_many_connections` with `Retry-After: 1` and closed. Keep it under the process's
+    /// file-descriptor limit (`ulimit -n`) less the SQLite and upstream sockets.
+    #[arg(long, env = "VOXPOLL_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
     /// Largest request header section, in bytes (all names and values); beyond it 431
     /// `headers_too_large`.
     #[arg(long, env = "VOXPOLL_MAX_HEADER_BYTES", default_value_t = defaults::MAX_HEADER_BYTES)]
@@ -250,6 +257,7 @@ mod defaults {
     pub const JWT_LEEWAY_S: u64 = 60;
     pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    pub const MAX_CONNECTIONS: usize = 768;
     pub const MAX_HEADERS: usize = 64;
     pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
     pub const WS_PING_MS: u64 = 10_000;
@@ -323,6 +331,7 @@ impl Config {
             header_read_timeout_ms: HEADER_READ_TIMEOUT_MS,
             max_header_bytes: MAX_HEADER_BYTES,
             max_headers: MAX_HEADERS,
+            max_connections: MAX_CONNECTIONS,
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             ws_ping_ms: WS_PING_MS,
             probe_max_hold_ms: PROBE_MAX_HOLD_MS,
@@ -379,6 +388,7 @@ impl Config {
         anyhow::ensure!(self.decode_workers > 0, "--decode-workers must be > 0");
         anyhow::ensure!(self.decode_threads > 0, "--decode-threads must be > 0");
         anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
+        anyhow::ensure!(self.max_connections > 0, "--max-connections must be > 0");
         anyhow::ensure!(
             self.max_creates_per_s > 0,
             "--max-creates-per-s must be > 0"

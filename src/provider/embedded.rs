@@ -5,6 +5,11 @@
 //! utterance is re-decoded (greedy) for a partial; at its end it is decoded once more for the
 //! final. Each stream runs its segmenter on its own thread (webrtc-vad is not `Send`); decodes
 //! go to the engine's shared pool.
+//!
+//! Backpressure: a stream holds at most [`MAX_PENDING_FINALS`] finals not yet emitted; past it,
+//! its audio waits in the bounded input channel, then in the session (whose buffer answers
+//! uploads 429 `backpressure` when full), so one fast uploader cannot fill the shared decode
+//! queue ahead of everybody else.
 
 use super::whisper::{DecodeJob, DecodeKind, WhisperEngine};
 use super::{
@@ -15,8 +20,11 @@ use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+/// Finals one stream may have submitted and not yet emitted; audio past them waits.
+pub const MAX_PENDING_FINALS: usize = 2;
 
 /// Maps an engine model type to a Whisper language code (`16k_zh` → `zh`, `16k_en` → `en`).
 ///
@@ -122,11 +130,26 @@ impl Provider for EmbeddedProvider {
         let (events_tx, events_rx) = mpsc::channel::<ProviderEvent>(256);
         let (msg_tx, msg_rx) = std_mpsc::channel::<Msg>();
         let alive = Arc::new(AtomicBool::new(true));
+        // One permit per final the stream may still submit: taken when it is submitted,
+        // given back when it is emitted.
+        let credits = Arc::new(Semaphore::new(MAX_PENDING_FINALS));
 
-        // Forward the async input channel (bounded: backpressure to the session) to the thread.
+        // Forward the async input channel (bounded: backpressure to the session) to the thread,
+        // one message at a time, and only while the stream has a final to spare: the segmenter
+        // may cut a final from any audio message.
         let fwd_tx = msg_tx.clone();
+        let fwd_credits = Arc::clone(&credits);
         tokio::spawn(async move {
             loop {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    spare = fwd_credits.acquire() => {
+                        // Closed only when the thread is gone.
+                        let Ok(spare) = spare else { return };
+                        drop(spare);
+                    }
+                }
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => break,
@@ -151,6 +174,8 @@ impl Provider for EmbeddedProvider {
             partial_stale: Arc::new(AtomicBool::new(false)),
             open_utterance: 0,
             finishing: false,
+            credits,
+            overdrawn: 0,
         };
         std::thread::Builder::new()
             .name("asr-stream".into())
@@ -191,6 +216,10 @@ struct StreamThread {
     /// Index of the utterance currently open (or next to open).
     open_utterance: u32,
     finishing: bool,
+    /// Finals this stream may still submit (see [`MAX_PENDING_FINALS`]).
+    credits: Arc<Semaphore>,
+    /// Finals submitted while no credit was free: repaid before credits are given back.
+    overdrawn: usize,
 }
 
 impl StreamThread {
@@ -224,6 +253,7 @@ impl StreamThread {
             }
         }
         self.alive.store(false, Ordering::Release);
+        self.credits.close();
     }
 
     fn emit(&self, ev: ProviderEvent) -> bool {
@@ -254,6 +284,11 @@ impl StreamThread {
                     self.partial_stale.store(true, Ordering::Release);
                     self.partial_stale = Arc::new(AtomicBool::new(false));
                     self.open_utterance = utterance + 1;
+                    // The forwarder passes audio only while a credit is free, but one message
+                    // may cut several finals: past the cap the debt is remembered instead.
+                    if self.credits.forget_permits(1) == 0 {
+                        self.overdrawn += 1;
+                    }
                     self.pending_finals.insert(utterance, None);
                     self.submit(utterance, DecodeKind::Final, pcm, start_ms, end_ms);
                 }
@@ -342,6 +377,11 @@ impl StreamThread {
                     let Some(rec) = entry.remove() else { break };
                     if !self.emit(ProviderEvent::Final(rec)) {
                         return false;
+                    }
+                    if self.overdrawn > 0 {
+                        self.overdrawn -= 1;
+                    } else {
+                        self.credits.add_permits(1);
                     }
                 }
                 true

@@ -389,3 +389,93 @@ async fn session_creation_is_rate_limited_per_instance() {
     assert!((10..20).contains(&created), "{created} created");
     assert_eq!(created + limited, 30);
 }
+
+/// Reads what the server sends on `tcp` until it closes (or `limit` passes): (bytes, closed).
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(limit, tcp.read_to_end(&mut buf))
+        .await
+        .is_ok();
+    (buf, closed)
+}
+
+#[tokio::test]
+async fn silent_sockets_and_http2_prior_knowledge_are_not_held() {
+    let app = spawn_app_with(|c| c.header_read_timeout_ms = 400).await;
+    let addr = app.url.trim_start_matches("http://").to_string();
+    // 40 sockets that never send a byte: all closed by the server after the timeout.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let t0 = std::time::Instant::now();
+    for tcp in &mut silent {
+        let (bytes, closed) = read_until_closed(tcp, Duration::from_secs(5)).await;
+        assert!(
+            closed && bytes.is_empty(),
+            "a silent socket was closed, silently"
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    // An HTTP/2 prior-knowledge preface gets no SETTINGS frame: the connection is not HTTP/2.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
+    let (bytes, closed) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(closed, "h2c connection closed");
+    let settings = bytes.len() >= 9 && bytes[3] == 0x04;
+    assert!(!settings, "answered as HTTP/2: {bytes:?}");
+    // The server still answers.
+    assert_eq!(app.get_path("/health").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_get_503_json() {
+    let app = spawn_app_with(|c| c.max_connections = 8).await;
+    let addr = app.url.trim_start_matches("http://").to_string();
+    // Eight connections inside one request each (headers sent, body pending) hold the slots.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        tcp.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 512];
+        let n = tcp.read(&mut buf).await.expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "slot answered");
+        held.push(tcp);
+    }
+    // The ninth: 503 too_many_connections with Retry-After, then closed.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (bytes, closed) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&bytes);
+    assert!(closed);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    // A slot freed is a slot served again.
+    drop(held.pop());
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(r) = app.http.get(format!("{}/health", app.url)).send().await {
+            if r.status() == StatusCode::OK {
+                ok = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "served once a slot is free");
+}

@@ -212,3 +212,99 @@ async fn wav_sessions_at_other_rates_are_resampled() {
     let hyp = transcript(&events);
     assert_eq!(en_words(&hyp), en_words(&reference), "{hyp}");
 }
+
+/// Arrival times of a session's finals, polled in the background until its end.
+fn finals_in_background(app: &TestApp, s: &TestSession) -> tokio::task::JoinHandle<Vec<Instant>> {
+    let (http, url, id, token) = (
+        app.http.clone(),
+        app.url.clone(),
+        s.id.clone(),
+        s.token.clone(),
+    );
+    tokio::spawn(async move {
+        let (mut cursor, mut at) = (0, Vec::new());
+        loop {
+            let page: Value = http
+                .get(format!(
+                    "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=20000"
+                ))
+                .header("x-session-token", &token)
+                .send()
+                .await
+                .expect("poll")
+                .json()
+                .await
+                .expect("json");
+            let finals = page["events"].as_array().expect("events").iter();
+            at.extend(
+                finals
+                    .filter(|e| e["type"] == "final")
+                    .map(|_| Instant::now()),
+            );
+            if page["done"] == true {
+                return at;
+            }
+            cursor = page["next_cursor"].as_u64().expect("cursor");
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_fast_uploader_does_not_starve_another_session() {
+    let app = spawn_app().await;
+    let corpus = english_corpus();
+    // Session A: fifteen utterances (the corpus three times, 1.2 s pauses), uploaded as fast as
+    // the server accepts them: far faster than the engine decodes.
+    let pause = vec![0i16; 16_000 * 12 / 10];
+    let mut flood = Vec::new();
+    for _ in 0..3 {
+        for (pcm, _) in &corpus {
+            flood.extend_from_slice(pcm);
+            flood.extend_from_slice(&pause);
+        }
+    }
+    let (short, _) = corpus.iter().min_by_key(|(p, _)| p.len()).unwrap();
+    let a = app.create(json!({"engine": "16k_en"})).await;
+    let b = app.create(json!({"engine": "16k_en"})).await;
+    let a_finals = finals_in_background(&app, &a);
+    let flooder = app.stream_pcm(&a, &flood, 200, false);
+    // Session B: one utterance at real-time pace, once A's audio has piled up.
+    let speaker = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let chunks: Vec<&[i16]> = short.chunks(16 * 200).collect();
+        let mut last_at = Instant::now();
+        for (i, c) in chunks.iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let last = i + 1 == chunks.len();
+            last_at = Instant::now();
+            let q = format!("seq={i}{}", if last { "&last=1" } else { "" });
+            assert_eq!(
+                app.upload(&b, &q, pcm_bytes(c)).await.0,
+                reqwest::StatusCode::OK
+            );
+        }
+        let events = app.collect_until_end(&b, Duration::from_secs(120)).await;
+        (last_at, Instant::now(), events)
+    };
+    let (a_events, (b_last_at, b_end, b_events)) = tokio::join!(flooder, speaker);
+    let a_finals = a_finals.await.unwrap();
+    let finals = |ev: &[Value]| ev.iter().filter(|e| e["type"] == "final").count();
+    assert!(finals(&a_events) >= 15, "A: every utterance: {a_events:?}");
+    assert_eq!(a_finals.len(), finals(&a_events));
+    assert!(finals(&b_events) >= 1, "B: its sentence: {b_events:?}");
+    // Between B's last chunk and B's end, A's finals ahead of B's are the ones A had pending
+    // (at most 2 per stream) plus what the other decode worker finishes meanwhile.
+    let ahead = a_finals
+        .iter()
+        .filter(|&&t| t > b_last_at && t <= b_end)
+        .count();
+    eprintln!(
+        "A finals emitted while B's sentence waited: {ahead} of {}; B's end {:?} after its last chunk",
+        a_finals.len(),
+        b_end - b_last_at
+    );
+    assert!(
+        ahead <= 4,
+        "B's sentence waited behind {ahead} of A's finals"
+    );
+}
