@@ -1,7 +1,8 @@
-//! Persistence of sessions and their final results, behind [`SessionStore`] so the SQLite
-//! implementation can later sit beside a Redis one. The store knows nothing of providers or HTTP.
+//! Persistence of sessions and their final results, behind [`SessionStore`]: on SQLite
+//! (`sqlite`, the default) or on Redis (`redis`, the shared engine of issue 12). The store knows nothing of providers or HTTP.
 
 mod history_sqlite;
+pub mod redis;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -76,6 +77,12 @@ pub enum StoreError {
     /// The pool could not hand out a connection.
     #[error("database pool error: {0}")]
     Pool(String),
+    /// Redis failed or could not be reached.
+    #[error("redis error")]
+    Redis(#[from] ::redis::RedisError),
+    /// A stored value could not be read back.
+    #[error("stored data unreadable: {0}")]
+    Corrupt(String),
 }
 
 /// Where sessions live between requests and across restarts.

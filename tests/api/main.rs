@@ -14,4 +14,5 @@ mod oneshot;
 mod protocol;
 mod providers;
 mod speech;
+mod store;
 mod transport;

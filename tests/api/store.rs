@@ -1,0 +1,291 @@
+//! One behaviour, two engines: the same [`SessionStore`] checks against a real SQLite file and
+//! a real `redis-server` (Debian's, installed by scripts/setup, started here on a Unix socket
+//! in a temporary directory).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use voxpoll::store::redis::RedisStore;
+use voxpoll::store::sqlite::Db;
+use voxpoll::store::{ChunkRecord, SessionProgress, SessionRecord, SessionStore, StoredEvent};
+
+/// A `redis-server` of its own, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    /// `redis+unix://…` URL of its socket.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` with AOF on (`appendfsync always`) in a fresh directory.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("redis.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&sock)
+            .args(["--dir"])
+            .arg(dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server missing: run scripts/setup (apt-get install redis-server)");
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            sock.exists(),
+            "redis-server did not open {}",
+            sock.display()
+        );
+        Self {
+            child,
+            url: format!("redis+unix://{}", sock.display()),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn record(id: &str, status: &str) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        user_id: Some("user-1".into()),
+        token_sha256: "ab".repeat(32),
+        provider: "embedded".into(),
+        engine: "16k_zh".into(),
+        options_json: r#"{"engine":"16k_zh"}"#.into(),
+        status: status.into(),
+        epoch: 7,
+        acked_seq: None,
+        audio_ms: 0,
+        transcript: String::new(),
+        end_reason: None,
+        created_at_ms: 1_000,
+        updated_at_ms: 1_000,
+        ended_at_ms: None,
+    }
+}
+
+fn progress(status: &str, acked: Option<u64>, end: Option<&str>, at: u64) -> SessionProgress {
+    SessionProgress {
+        status: status.into(),
+        acked_seq: acked,
+        audio_ms: 400,
+        transcript: "你好".into(),
+        end_reason: end.map(Into::into),
+        at_ms: at,
+    }
+}
+
+fn event(seq: u64, kind: &str) -> StoredEvent {
+    StoredEvent {
+        seq,
+        json: format!(r#"{{"seq":{seq},"type":"{kind}"}}"#),
+    }
+}
+
+fn chunk(id: &str, seq: u64, last: bool, data: &[u8]) -> ChunkRecord {
+    ChunkRecord {
+        session_id: id.into(),
+        seq,
+        last,
+        data: data.to_vec(),
+    }
+}
+
+/// The behaviour every store must have (the SQLite store's, which the engine relies on).
+async fn behaves_as_a_session_store(store: &dyn SessionStore) {
+    let (a, b) = (
+        "0b9e2c4c-1111-4a4a-8a8a-000000000001",
+        "0b9e2c4c-2222-4a4a-8a8a-000000000002",
+    );
+    // Insert and read back, field for field; a second insert of the same id fails.
+    store.insert_session(&record(a, "open")).await.unwrap();
+    assert_eq!(store.get_session(a).await.unwrap(), Some(record(a, "open")));
+    assert!(store.insert_session(&record(a, "open")).await.is_err());
+    assert_eq!(store.get_session(b).await.unwrap(), None);
+    store.insert_session(&record(b, "open")).await.unwrap();
+
+    // Progress: written, and a status never goes back.
+    store
+        .update_progress(a, &progress("finishing", Some(3), None, 2_000))
+        .await
+        .unwrap();
+    store
+        .update_progress(a, &progress("open", Some(4), None, 2_100))
+        .await
+        .unwrap();
+    let r = store.get_session(a).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status.as_str(), r.acked_seq, r.audio_ms),
+        ("finishing", Some(4), 400)
+    );
+    assert_eq!((r.transcript.as_str(), r.updated_at_ms), ("你好", 2_100));
+
+    // Events: idempotent on seq, read after a cursor in seq order.
+    for seq in [2, 1, 3] {
+        store.append_event(a, &event(seq, "final")).await.unwrap();
+    }
+    store.append_event(a, &event(2, "changed")).await.unwrap();
+    let after1 = store.events_after(a, 1).await.unwrap();
+    assert_eq!(after1, vec![event(2, "final"), event(3, "final")]);
+    assert!(store.events_after(a, 3).await.unwrap().is_empty());
+    assert!(store.events_after(b, 0).await.unwrap().is_empty());
+
+    // Chunks: idempotent on (session, seq), first write wins; ascending; per session.
+    store
+        .put_chunks(vec![
+            chunk(a, 1, false, b"\x01\x02"),
+            chunk(b, 0, false, b"b0"),
+            chunk(a, 0, false, b""),
+            chunk(a, 2, true, &[0u8, 255, 7]),
+        ])
+        .await
+        .unwrap();
+    store
+        .put_chunks(vec![chunk(a, 1, true, b"other")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.chunks(a).await.unwrap(),
+        vec![
+            chunk(a, 0, false, b""),
+            chunk(a, 1, false, b"\x01\x02"),
+            chunk(a, 2, true, &[0, 255, 7])
+        ]
+    );
+
+    // Seq reservations only grow.
+    assert_eq!(store.reserved_seqs(a).await.unwrap(), 0);
+    store.reserve_seqs(a, 64).await.unwrap();
+    store.reserve_seqs(a, 10).await.unwrap();
+    assert_eq!(store.reserved_seqs(a).await.unwrap(), 64);
+
+    // Unfinished: open and finishing sessions, oldest first, with their highest event seq.
+    let open = store.unfinished().await.unwrap();
+    let ids: Vec<(&str, u64)> = open.iter().map(|(r, s)| (r.id.as_str(), *s)).collect();
+    assert!(ids.contains(&(a, 3)) && ids.contains(&(b, 0)), "{ids:?}");
+
+    // Ending: the end event and the status together, chunks dropped, no longer unfinished,
+    // and an ended session stays ended.
+    store
+        .end_session(
+            a,
+            &progress("finished", Some(4), Some("finished"), 3_000),
+            &event(4, "end"),
+        )
+        .await
+        .unwrap();
+    store
+        .update_progress(a, &progress("open", Some(5), None, 3_100))
+        .await
+        .unwrap();
+    let r = store.get_session(a).await.unwrap().unwrap();
+    assert_eq!(r.status, "finished");
+    assert_eq!(
+        (r.end_reason.as_deref(), r.ended_at_ms),
+        (Some("finished"), Some(3_000))
+    );
+    assert_eq!(
+        store.events_after(a, 3).await.unwrap(),
+        vec![event(4, "end")]
+    );
+    assert!(store.chunks(a).await.unwrap().is_empty());
+    assert_eq!(
+        store.chunks(b).await.unwrap(),
+        vec![chunk(b, 0, false, b"b0")]
+    );
+    let open = store.unfinished().await.unwrap();
+    assert_eq!(
+        open.iter().map(|(r, _)| r.id.as_str()).collect::<Vec<_>>(),
+        vec![b]
+    );
+    store.check_writable().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_store_behaves_as_a_session_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("store.db")).await.unwrap();
+    behaves_as_a_session_store(&db).await;
+}
+
+#[tokio::test]
+async fn redis_store_behaves_as_a_session_store() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url).await.expect("connect");
+    behaves_as_a_session_store(&store).await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_what_it_acknowledged_across_a_restart_and_reports_an_outage() {
+    let mut server = RedisServer::start().await;
+    let store = RedisStore::connect(&server.url).await.expect("connect");
+    let id = "0b9e2c4c-3333-4a4a-8a8a-000000000003";
+    store.insert_session(&record(id, "open")).await.unwrap();
+    store
+        .put_chunks(vec![chunk(id, 0, false, b"pcm")])
+        .await
+        .unwrap();
+    // Down: every call is an error (the engine answers 503 store_unavailable), none hangs.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let down = tokio::time::timeout(Duration::from_secs(10), store.get_session(id)).await;
+    assert!(
+        matches!(down, Ok(Err(_))),
+        "an error while Redis is down: {down:?}"
+    );
+    // Back on the same directory (AOF): the acknowledged chunk is there; the client reconnects.
+    let sock = server.url.trim_start_matches("redis+unix://").to_string();
+    let _ = std::fs::remove_file(&sock);
+    let dir = Path::new(&sock).parent().unwrap().to_path_buf();
+    server.child = Command::new("redis-server")
+        .args(["--port", "0", "--unixsocket", &sock, "--dir"])
+        .arg(&dir)
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut back = None;
+    for _ in 0..100 {
+        if let Ok(c) = store.chunks(id).await {
+            back = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back, Some(vec![chunk(id, 0, false, b"pcm")]));
+}
+
+#[tokio::test]
+async fn redis_unreachable_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis+unix://{}", dir.path().join("none.sock").display());
+    assert!(RedisStore::connect(&url).await.is_err());
+    assert!(RedisStore::connect("not a url").await.is_err());
+}
