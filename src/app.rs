@@ -75,6 +75,7 @@ pub async fn build_with_providers(
         EmbeddedSettings {
             partial_interval_ms: config.partial_interval_ms,
             vad_silence_ms: config.vad_silence_ms,
+            max_queued_finals: config.max_queued_finals,
         },
     ));
     let mut by_name = HashMap::new();

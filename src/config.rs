@@ -92,6 +92,12 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_DECODE_WORKERS", default_value_t = default_workers())]
     pub decode_workers: usize,
 
+    /// Finals waiting for an embedded-engine decode worker past which new embedded sessions
+    /// (and one-shot recognitions) get 429 `provider_busy` with `Retry-After: 2`: past it the
+    /// engine is saturated, and one more stream would make everybody's results late.
+    #[arg(long, env = "VOXPOLL_MAX_QUEUED_FINALS", default_value_t = defaults::MAX_QUEUED_FINALS)]
+    pub max_queued_finals: usize,
+
     /// Least CPU threads per decode; a decode running while other workers idle takes their
     /// share of the machine's cores too.
     #[arg(long, env = "VOXPOLL_DECODE_THREADS", default_value_t = defaults::DECODE_THREADS)]
@@ -243,6 +249,7 @@ mod defaults {
     pub const SESSION_LINGER_MS: u64 = 120_000;
     pub const MAX_JSON_BYTES: u64 = 64 * 1024;
     pub const DECODE_THREADS: usize = 1;
+    pub const MAX_QUEUED_FINALS: usize = 8;
     pub const PARTIAL_INTERVAL_MS: u64 = 1000;
     pub const VAD_SILENCE_MS: u64 = 600;
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
@@ -316,6 +323,7 @@ impl Config {
             session_linger_ms: SESSION_LINGER_MS,
             max_json_bytes: MAX_JSON_BYTES,
             decode_threads: DECODE_THREADS,
+            max_queued_finals: MAX_QUEUED_FINALS,
             partial_interval_ms: PARTIAL_INTERVAL_MS,
             vad_silence_ms: VAD_SILENCE_MS,
             shutdown_grace_ms: SHUTDOWN_GRACE_MS,
@@ -387,6 +395,10 @@ impl Config {
         );
         anyhow::ensure!(self.decode_workers > 0, "--decode-workers must be > 0");
         anyhow::ensure!(self.decode_threads > 0, "--decode-threads must be > 0");
+        anyhow::ensure!(
+            self.max_queued_finals > 0,
+            "--max-queued-finals must be > 0"
+        );
         anyhow::ensure!(self.max_sessions > 0, "--max-sessions must be > 0");
         anyhow::ensure!(self.max_connections > 0, "--max-connections must be > 0");
         anyhow::ensure!(

@@ -52,6 +52,9 @@ pub struct EmbeddedSettings {
     pub partial_interval_ms: u64,
     /// Default non-speech that ends an utterance, ms.
     pub vad_silence_ms: u64,
+    /// Finals waiting for a decode worker past which `open` answers
+    /// [`ProviderError::Busy`].
+    pub max_queued_finals: usize,
 }
 
 /// The embedded provider: the engine plus its settings.
@@ -114,6 +117,13 @@ impl Provider for EmbeddedProvider {
             ProviderError::Unavailable(self.load_error.clone().unwrap_or_default())
         })?;
         let lang = language_for_engine(&opts.engine).map_err(ProviderError::Unsupported)?;
+        let (queued, _) = engine.queued();
+        if queued >= self.settings.max_queued_finals {
+            return Err(ProviderError::Busy(format!(
+                "the embedded engine is saturated: {queued} finals wait for a decode worker (max_queued_finals {})",
+                self.settings.max_queued_finals
+            )));
+        }
         let cfg = SegmenterConfig {
             silence_ms: opts
                 .vad_silence_ms

@@ -188,13 +188,28 @@ impl TestApp {
     }
 
     pub async fn create(&self, body: Value) -> TestSession {
-        let r = self
-            .http
-            .post(format!("{}/v1/sessions", self.url))
-            .json(&body)
-            .send()
-            .await
-            .expect("create");
+        // As a client does: 429 provider_busy (the engine saturated by the speech tests running
+        // beside this one) is retried after its Retry-After, for up to a minute.
+        let mut tries = 0;
+        let r = loop {
+            let r = self
+                .http
+                .post(format!("{}/v1/sessions", self.url))
+                .json(&body)
+                .send()
+                .await
+                .expect("create");
+            if r.status() != StatusCode::TOO_MANY_REQUESTS || tries == 30 {
+                break r;
+            }
+            let err: Value = r.json().await.expect("json");
+            assert_eq!(
+                err["error"]["code"], "provider_busy",
+                "create session: {err}"
+            );
+            tries += 1;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        };
         assert_eq!(r.status(), StatusCode::CREATED, "create session");
         let created: Value = r.json().await.expect("json");
         TestSession {

@@ -308,3 +308,69 @@ async fn a_fast_uploader_does_not_starve_another_session() {
         "B's sentence waited behind {ahead} of A's finals"
     );
 }
+
+#[tokio::test]
+async fn a_saturated_engine_refuses_new_sessions_with_retry_after() {
+    let app = spawn_app_with(|c| c.max_queued_finals = 1).await;
+    let corpus = english_corpus();
+    let pause = vec![0i16; 16_000];
+    let mut flood = Vec::new();
+    for _ in 0..2 {
+        for (pcm, _) in &corpus {
+            flood.extend_from_slice(pcm);
+            flood.extend_from_slice(&pause);
+        }
+    }
+    // Two sessions uploading far faster than real time fill both decode workers and the queue.
+    let (a, b) = (
+        app.create(json!({"engine": "16k_en"})).await,
+        app.create(json!({"engine": "16k_en"})).await,
+    );
+    let floods = async {
+        tokio::join!(
+            app.stream_pcm(&a, &flood, 200, false),
+            app.stream_pcm(&b, &flood, 200, false)
+        )
+    };
+    let refused = async {
+        loop {
+            let ready = app.get_path("/ready").await.1;
+            if ready["providers"]["embedded"]["stats"]["queued_finals"].as_u64() >= Some(1) {
+                let r = app
+                    .http
+                    .post(format!("{}/v1/sessions", app.url))
+                    .json(&json!({"engine": "16k_en"}))
+                    .send()
+                    .await
+                    .expect("create");
+                if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    let retry = r.headers()["retry-after"].to_str().unwrap().to_string();
+                    let body: Value = r.json().await.unwrap();
+                    return (retry, body);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (retry, body) = tokio::select! {
+        r = refused => r,
+        _ = floods => panic!("never refused while both floods ran"),
+    };
+    assert_eq!(retry, "2");
+    assert_eq!(body["error"]["code"], "provider_busy", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_queued_finals 1"));
+    // Once the floods end, the queue drains and sessions are admitted again.
+    for s in [&a, &b] {
+        let _ = app
+            .http
+            .delete(format!("{}/v1/sessions/{}", app.url, s.id))
+            .header("x-session-token", &s.token)
+            .send()
+            .await;
+    }
+    let c = app.create(json!({"engine": "16k_en"})).await;
+    assert!(!c.id.is_empty());
+}
