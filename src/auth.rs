@@ -138,7 +138,8 @@ impl Authenticator {
     /// The caller's user id: `None` when auth is off.
     ///
     /// # Errors
-    /// 401 `missing_credentials` without `Authorization: Bearer` or `X-Api-Key`; 401
+    /// 401 `missing_credentials` without `Authorization: Bearer` or `X-Api-Key` (an API key
+    /// may also come as `Authorization: Bearer <key>`, as OpenAI SDKs send it); 401
     /// `invalid_token` for a JWT that is expired, not yet valid, for another audience, signed
     /// with another key or algorithm, or malformed; 401 `invalid_api_key`.
     pub fn caller(
@@ -161,7 +162,13 @@ impl Authenticator {
                 "send Authorization: Bearer <JWT> or X-Api-Key".into(),
             ));
         };
-        self.jwt_user(token.trim()).map(Some)
+        let token = token.trim();
+        // OpenAI SDKs send their API key as a bearer token: one that is not a JWT (three
+        // dot-separated parts) is taken as an API key when keys are configured.
+        if token.split('.').count() != 3 && !self.api_keys.is_empty() {
+            return self.api_key_user(token).map(Some);
+        }
+        self.jwt_user(token).map(Some)
     }
 
     fn api_key_user(&self, key: &str) -> Result<String, ApiError> {

@@ -3,6 +3,7 @@
 //! [`ApiError`] rendered once by its `Reply` impl or by [`crate::error::recover`].
 
 mod history;
+mod openai;
 mod ops;
 mod probe;
 mod recognize;
@@ -76,6 +77,8 @@ fn api(
         .or(probe::routes(state.clone()))
         .unify()
         .or(recognize::routes(state.clone()))
+        .unify()
+        .or(openai::routes(state.clone()))
         .unify()
         .or(history::routes(state))
         .unify()

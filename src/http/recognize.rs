@@ -120,7 +120,7 @@ fn set_option(o: &mut CreateOptions, name: &str, v: &str) -> Result<bool, ApiErr
 }
 
 /// Reads a raw or multipart upload into an [`Upload`].
-async fn parse_upload(
+pub(super) async fn parse_upload(
     state: &AppState,
     mut opts: CreateOptions,
     content_type: Option<&str>,

@@ -22,10 +22,18 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The answer to a connection past `max_connections`, written before closing it.
-const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 98\r\n\r\n\
-{\"error\":{\"code\":\"too_many_connections\",\"message\":\"this instance holds its connection limit\"}}";
+/// The body answered to a connection past `max_connections`.
+const TOO_MANY_CONNECTIONS: &str = r#"{"error":{"code":"too_many_connections","message":"this instance holds its connection limit (max_connections); retry shortly"}}"#;
+
+/// The whole 503 answer to a connection past `max_connections`, written before closing it.
+fn refusal() -> Vec<u8> {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{TOO_MANY_CONNECTIONS}",
+        TOO_MANY_CONNECTIONS.len()
+    )
+    .into_bytes()
+}
 
 /// Serves `state`'s routes on `listener` until `shutdown`; then stops accepting, lets open
 /// connections finish their requests, and returns once they are done (or after 5 s).
@@ -98,7 +106,7 @@ pub async fn serve(
 /// closes it.
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(TOO_MANY_CONNECTIONS).await?;
+        stream.write_all(&refusal()).await?;
         stream.shutdown().await
     })
     .await;
@@ -106,11 +114,12 @@ async fn refuse(mut stream: TcpStream) {
 
 #[cfg(test)]
 mod tests {
-    use super::TOO_MANY_CONNECTIONS;
+    use super::refusal;
 
     #[test]
     fn the_refusal_is_a_complete_json_answer() {
-        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
+        let bytes = refusal();
+        let text = std::str::from_utf8(&bytes).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let declared: usize = head
             .lines()
