@@ -224,8 +224,16 @@ impl Reply for ApiError {
         {
             body["error"]["provider_code"] = pc.clone().into();
         }
+        self.reply_with(&body)
+    }
+}
+
+impl ApiError {
+    /// `body` as JSON with this error's status and, when it has one, its `Retry-After`: for
+    /// envelopes other than voxpoll's own (the seeds', OpenAI's).
+    pub fn reply_with(&self, body: &serde_json::Value) -> warp::reply::Response {
         let mut resp =
-            warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
+            warp::reply::with_status(warp::reply::json(body), self.status()).into_response();
         if let Some(s) = self.retry_after_s() {
             resp.headers_mut().insert(
                 warp::http::header::RETRY_AFTER,

@@ -259,14 +259,7 @@ fn openai_error(e: &ApiError, param: Option<&str>) -> Response {
         "type": kind,
         "param": param,
     }});
-    let mut resp = warp::reply::with_status(warp::reply::json(&body), status).into_response();
-    if let Some(s) = e.retry_after_s() {
-        resp.headers_mut().insert(
-            warp::http::header::RETRY_AFTER,
-            warp::http::HeaderValue::from(s),
-        );
-    }
-    resp
+    e.reply_with(&body)
 }
 
 #[cfg(test)]

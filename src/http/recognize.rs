@@ -76,15 +76,7 @@ async fn recognize_v1(
 /// `error` = voxpoll's machine code.
 fn seeds_error(e: &ApiError) -> Response {
     let status = e.status();
-    let body = json!({ "code": status.as_u16(), "message": e.to_string(), "error": e.code() });
-    let mut resp = warp::reply::with_status(warp::reply::json(&body), status).into_response();
-    if let Some(s) = e.retry_after_s() {
-        resp.headers_mut().insert(
-            warp::http::header::RETRY_AFTER,
-            warp::http::HeaderValue::from(s),
-        );
-    }
-    resp
+    e.reply_with(&json!({ "code": status.as_u16(), "message": e.to_string(), "error": e.code() }))
 }
 
 /// Sets an option from a form field, under its API name or the seeds' camelCase name.

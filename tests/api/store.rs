@@ -17,27 +17,32 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
+/// `redis-server` on the Unix socket `sock`, with AOF on (`appendfsync always`) in `dir`.
+fn spawn_redis(dir: &Path, sock: &Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", "0", "--unixsocket"])
+        .arg(sock)
+        .arg("--dir")
+        .arg(dir)
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server missing: run scripts/setup (apt-get install redis-server)")
+}
+
 impl RedisServer {
-    /// Starts `redis-server` with AOF on (`appendfsync always`) in a fresh directory.
+    /// Starts a server in a fresh directory and waits for its socket.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("redis.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&sock)
-            .args(["--dir"])
-            .arg(dir.path())
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server missing: run scripts/setup (apt-get install redis-server)");
+        let child = spawn_redis(dir.path(), &sock);
         for _ in 0..200 {
             if sock.exists() {
                 break;
@@ -257,20 +262,7 @@ async fn redis_store_keeps_what_it_acknowledged_across_a_restart_and_reports_an_
     let sock = server.url.trim_start_matches("redis+unix://").to_string();
     let _ = std::fs::remove_file(&sock);
     let dir = Path::new(&sock).parent().unwrap().to_path_buf();
-    server.child = Command::new("redis-server")
-        .args(["--port", "0", "--unixsocket", &sock, "--dir"])
-        .arg(&dir)
-        .args([
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    server.child = spawn_redis(&dir, Path::new(&sock));
     let mut back = None;
     for _ in 0..100 {
         if let Ok(c) = store.chunks(id).await {
