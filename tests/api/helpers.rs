@@ -294,17 +294,7 @@ impl TestApp {
         tokio::spawn(async move {
             let mut cursor = 0;
             loop {
-                let page: Value = http
-                    .get(format!(
-                        "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=20000"
-                    ))
-                    .header("x-session-token", &token)
-                    .send()
-                    .await
-                    .expect("poll")
-                    .json()
-                    .await
-                    .expect("json");
+                let page = events_page(&http, &url, &id, &token, cursor).await;
                 if page["events"]
                     .as_array()
                     .expect("events")
@@ -315,6 +305,36 @@ impl TestApp {
                 }
                 if page["done"] == true {
                     return None;
+                }
+                cursor = page["next_cursor"].as_u64().expect("cursor");
+            }
+        })
+    }
+
+    /// Arrival times of a session's events of `kind`, polled in the background until its end.
+    pub fn arrivals_in_background(
+        &self,
+        s: &TestSession,
+        kind: &'static str,
+    ) -> tokio::task::JoinHandle<Vec<std::time::Instant>> {
+        let (http, url, id, token) = (
+            self.http.clone(),
+            self.url.clone(),
+            s.id.clone(),
+            s.token.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut cursor, mut at) = (0, Vec::new());
+            loop {
+                let page = events_page(&http, &url, &id, &token, cursor).await;
+                let events = page["events"].as_array().expect("events").iter();
+                at.extend(
+                    events
+                        .filter(|e| e["type"] == kind)
+                        .map(|_| std::time::Instant::now()),
+                );
+                if page["done"] == true {
+                    return at;
                 }
                 cursor = page["next_cursor"].as_u64().expect("cursor");
             }
@@ -548,4 +568,24 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// One long-poll page of a session's events after `cursor` (held up to 20 s), as JSON.
+async fn events_page(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    token: &str,
+    cursor: u64,
+) -> Value {
+    http.get(format!(
+        "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=20000"
+    ))
+    .header("x-session-token", token)
+    .send()
+    .await
+    .expect("poll")
+    .json()
+    .await
+    .expect("json")
 }

@@ -213,42 +213,6 @@ async fn wav_sessions_at_other_rates_are_resampled() {
     assert_eq!(en_words(&hyp), en_words(&reference), "{hyp}");
 }
 
-/// Arrival times of a session's finals, polled in the background until its end.
-fn finals_in_background(app: &TestApp, s: &TestSession) -> tokio::task::JoinHandle<Vec<Instant>> {
-    let (http, url, id, token) = (
-        app.http.clone(),
-        app.url.clone(),
-        s.id.clone(),
-        s.token.clone(),
-    );
-    tokio::spawn(async move {
-        let (mut cursor, mut at) = (0, Vec::new());
-        loop {
-            let page: Value = http
-                .get(format!(
-                    "{url}/v1/sessions/{id}/events?after={cursor}&wait_ms=20000"
-                ))
-                .header("x-session-token", &token)
-                .send()
-                .await
-                .expect("poll")
-                .json()
-                .await
-                .expect("json");
-            let finals = page["events"].as_array().expect("events").iter();
-            at.extend(
-                finals
-                    .filter(|e| e["type"] == "final")
-                    .map(|_| Instant::now()),
-            );
-            if page["done"] == true {
-                return at;
-            }
-            cursor = page["next_cursor"].as_u64().expect("cursor");
-        }
-    })
-}
-
 #[tokio::test]
 async fn a_fast_uploader_does_not_starve_another_session() {
     let app = spawn_app().await;
@@ -266,7 +230,7 @@ async fn a_fast_uploader_does_not_starve_another_session() {
     let (short, _) = corpus.iter().min_by_key(|(p, _)| p.len()).unwrap();
     let a = app.create(json!({"engine": "16k_en"})).await;
     let b = app.create(json!({"engine": "16k_en"})).await;
-    let a_finals = finals_in_background(&app, &a);
+    let a_finals = app.arrivals_in_background(&a, "final");
     let flooder = app.stream_pcm(&a, &flood, 200, false);
     // Session B: one utterance at real-time pace, once A's audio has piled up.
     let speaker = async {
