@@ -8,7 +8,8 @@ use crate::provider::embedded::{EmbeddedProvider, EmbeddedSettings};
 use crate::provider::registry::{self, Providers};
 use crate::provider::whisper::WhisperEngine;
 use crate::provider::Provider;
-use crate::session::{SessionLimits, SessionManager};
+use crate::session::{Cluster, SessionLimits, SessionManager};
+use crate::store::redis::RedisStore;
 use crate::store::sqlite::Db;
 use anyhow::Context;
 use std::collections::HashMap;
@@ -110,19 +111,41 @@ pub async fn build_with_providers(
         config.max_recognize_audio_ms,
         config.max_recognize_concurrent,
     );
+    let (store, cluster) = match &config.redis_url {
+        None => (Arc::clone(&db) as Arc<dyn crate::store::SessionStore>, None),
+        Some(url) => {
+            let redis = RedisStore::connect(url.expose())
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to Redis (--redis-url): {e:#} ({e:?})"))?;
+            let replica = config.replica_id.clone().unwrap_or_else(default_replica_id);
+            tracing::info!(%replica, lease_ms = config.lease_ms, "sessions shared through Redis");
+            let cluster = Cluster::new(redis.clone(), replica, config.lease_ms);
+            (
+                Arc::new(redis) as Arc<dyn crate::store::SessionStore>,
+                Some(cluster),
+            )
+        }
+    };
+    let shared = cluster.is_some();
     let sessions = SessionManager::new(
         SessionLimits::from(&*config),
-        Arc::clone(&db) as Arc<dyn crate::store::SessionStore>,
+        store,
         providers,
         shutdown.clone(),
+        cluster,
     );
-    let (resumed, failed) = sessions.resume_orphans().await?;
-    if resumed + failed > 0 {
-        tracing::warn!(
-            resumed,
-            failed,
-            "sessions left open by a previous process: resumed, or recorded as failed"
-        );
+    if shared {
+        // Sessions a dead replica left are taken over once their lease lapses.
+        sessions.start_cluster_tasks();
+    } else {
+        let (resumed, failed) = sessions.resume_orphans().await?;
+        if resumed + failed > 0 {
+            tracing::warn!(
+                resumed,
+                failed,
+                "sessions left open by a previous process: resumed, or recorded as failed"
+            );
+        }
     }
     let auth = crate::auth::Authenticator::new(&crate::auth::AuthSettings {
         jwt_hs256_secret: config.jwt_hs256_secret.clone(),
@@ -146,6 +169,17 @@ pub async fn build_with_providers(
         recognizer,
         auth: Arc::new(auth),
     })
+}
+
+/// A replica name unique enough among replicas: the host name and 6 random hex digits.
+fn default_replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "voxpoll".into());
+    format!("{host}-{}", hex::encode(rand::random::<[u8; 3]>()))
 }
 
 /// Deletes history past `history_retention_ms` every `purge_interval_ms` until shutdown.

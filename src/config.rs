@@ -20,6 +20,24 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_DB", default_value = "voxpoll.db")]
     pub db: PathBuf,
 
+    /// Redis 7+ / Valkey shared by several replicas (`redis://[user:password@]host:port[/db]`,
+    /// `rediss://…` for TLS, `redis+unix:///path`): sessions, chunks, events, leases and the
+    /// per-user budget then live there, and any replica serves any request of any session
+    /// (README "Many replicas"). Unset: everything stays in the SQLite file `--db`.
+    #[arg(long, env = "VOXPOLL_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<crate::secret::Secret>,
+
+    /// This replica's name among those sharing a Redis (the lease holder's name). Default:
+    /// the host name and a random suffix, new at every start.
+    #[arg(long, env = "VOXPOLL_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// With `--redis-url`: how long a replica's hold on a session lasts unless renewed (every
+    /// third of it), in ms. After a replica dies, another takes its sessions over within
+    /// about this time plus a quarter of it.
+    #[arg(long, env = "VOXPOLL_LEASE_MS", default_value_t = defaults::LEASE_MS)]
+    pub lease_ms: u64,
+
     /// whisper.cpp ggml model for the embedded provider (`scripts/setup` puts it here).
     #[arg(long, env = "VOXPOLL_MODEL", default_value_os_t = default_model_path())]
     pub model: PathBuf,
@@ -234,6 +252,7 @@ pub struct Config {
 /// Every default, named once: the flags above and [`Config::loopback`] both read them.
 mod defaults {
     pub const DEFAULT_PROVIDER: &str = "embedded";
+    pub const LEASE_MS: u64 = 3_000;
     pub const POLL_HOLD_MS: u64 = 25_000;
     pub const POLL_MAX_HOLD_MS: u64 = 50_000;
     pub const MAX_CHUNK_BYTES: usize = 96 * 1024;
@@ -299,6 +318,9 @@ impl Config {
             host: IpAddr::from([127, 0, 0, 1]),
             port: Some(0),
             db,
+            redis_url: None,
+            replica_id: None,
+            lease_ms: LEASE_MS,
             model: default_model_path(),
             decode_workers: default_workers(),
             providers: None,
@@ -363,6 +385,10 @@ impl Config {
     /// Rejects settings that contradict each other, naming the option to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.poll_hold_ms > 0, "--poll-hold-ms must be > 0");
+        anyhow::ensure!(
+            (300..=60_000).contains(&self.lease_ms),
+            "--lease-ms must be between 300 and 60000"
+        );
         anyhow::ensure!(
             self.poll_hold_ms <= self.poll_max_hold_ms,
             "--poll-hold-ms ({}) must not exceed --poll-max-hold-ms ({})",

@@ -16,6 +16,7 @@
 //! - [`ingest`]: chunk reassembly; [`event`]: events and the log; [`durable`]: group commit of
 //!   chunks.
 
+mod cluster;
 pub mod durable;
 pub mod error;
 pub mod event;
@@ -28,6 +29,7 @@ mod stored;
 pub mod view;
 mod worker;
 
+pub use cluster::Cluster;
 pub use error::SessionError;
 pub use options::{
     check_hotwords, engine_rate, sentence_joiner, CreateOptions, InvalidOption, SessionLimits,
@@ -94,6 +96,8 @@ struct Inner {
     creates: Mutex<RateLimit>,
     /// Group commit of accepted chunks.
     writer: durable::ChunkWriter,
+    /// Set when replicas share sessions through Redis (`cluster.rs`).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Owns every live session. Cheap to clone.
@@ -103,12 +107,14 @@ pub struct SessionManager {
 }
 
 impl SessionManager {
-    /// A manager whose sessions end when `shutdown` fires.
+    /// A manager whose sessions end when `shutdown` fires; with `cluster`, one replica of
+    /// several sharing sessions through Redis (`store` is then that Redis engine).
     pub fn new(
         limits: SessionLimits,
         store: Arc<dyn SessionStore>,
         providers: Providers,
         shutdown: CancellationToken,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -122,6 +128,7 @@ impl SessionManager {
                 tasks: TaskTracker::new(),
                 epoch: now_ms(),
                 waiting: AtomicUsize::new(0),
+                cluster,
             }),
         }
     }
@@ -275,11 +282,33 @@ impl SessionManager {
         // The provider gets its own token: on server shutdown the worker still asks it to
         // flush the sentence in progress before it is stopped.
         let provider_cancel = CancellationToken::new();
-        let stream = provider.open(&stream_opts, provider_cancel.clone())?;
-        if let Err(e) = self.inner.store.insert_session(&rec).await {
-            provider_cancel.cancel();
-            return Err(e.into());
+        if let (Some(c), Some(user)) = (&self.inner.cluster, rec.user_id.as_deref()) {
+            let max = limits.max_sessions_per_user;
+            if let Err(open) = c.redis().admit_user(Some(user), &rec.id, max).await? {
+                return Err(SessionError::TooManyForUser { open, max });
+            }
         }
+        let registered = async {
+            let stream = provider.open(&stream_opts, provider_cancel.clone())?;
+            self.inner.store.insert_session(&rec).await?;
+            if let Some(c) = &self.inner.cluster {
+                c.redis()
+                    .acquire(&rec.id, c.replica(), rec.epoch, c.lease_ms())
+                    .await?;
+            }
+            Ok::<_, SessionError>(stream)
+        }
+        .await;
+        let stream = match registered {
+            Ok(stream) => stream,
+            Err(e) => {
+                provider_cancel.cancel();
+                if let (Some(c), Some(user)) = (&self.inner.cluster, rec.user_id.as_deref()) {
+                    let _ = c.redis().unadmit_user(Some(user), &rec.id).await;
+                }
+                return Err(e);
+            }
+        };
         let state = State::fresh(&limits);
         let session_id = rec.id.clone();
         let session = Session::new(rec, format, self.inner.epoch, state)
@@ -327,20 +356,15 @@ impl SessionManager {
         body: Bytes,
     ) -> Result<UploadAck, SessionError> {
         self.inner.limits.check_chunk(body.len(), last)?;
+        if let Some(c) = &self.inner.cluster {
+            return self.upload_shared(c, id, token, seq, last, body).await;
+        }
         let uuid = parse_id(id)?;
         let s = self
             .live(&uuid)
             .ok_or_else(|| SessionError::NotFound(id.to_string()))?;
         s.check_token(token)?;
-        if s.format == AudioFormat::Wav
-            && seq == 0
-            && body.len() >= 12
-            && (&body[0..4] != b"RIFF" || &body[8..12] != b"WAVE")
-        {
-            return Err(SessionError::UnsupportedAudio(
-                "chunk 0 of a \"wav\" session must start with a RIFF/WAVE header".into(),
-            ));
-        }
+        check_wav_header(s.format, seq, &body)?;
         let (accepted, ack, to_commit, finishing) = {
             let mut st = s.lock();
             let now = Instant::now();
@@ -410,6 +434,9 @@ impl SessionManager {
     /// # Errors
     /// Unknown session, bad token.
     pub async fn finish(&self, id: &str, token: Option<&str>) -> Result<SessionInfo, SessionError> {
+        if let Some(c) = &self.inner.cluster {
+            return self.finish_shared(c, id, token).await;
+        }
         if let Some(s) = self.live(&parse_id(id)?) {
             s.check_token(token)?;
             let finishing = {
@@ -435,6 +462,9 @@ impl SessionManager {
     /// # Errors
     /// Unknown session, bad token.
     pub async fn cancel(&self, id: &str, token: Option<&str>) -> Result<SessionInfo, SessionError> {
+        if let Some(c) = &self.inner.cluster {
+            return self.cancel_shared(c, id, token).await;
+        }
         if let Some(s) = self.live(&parse_id(id)?) {
             s.check_token(token)?;
             s.cancel.cancel();
@@ -484,6 +514,9 @@ impl SessionManager {
         wait: Option<Duration>,
     ) -> Result<PollResult, SessionError> {
         let Some(s) = self.live(&parse_id(id)?) else {
+            if let Some(c) = &self.inner.cluster {
+                return self.poll_shared(c, id, token, after, wait).await;
+            }
             return stored::poll(&*self.inner.store, id, token, after).await;
         };
         s.check_token(token)?;
@@ -536,11 +569,15 @@ impl SessionManager {
         let id = s.id;
         let registry = Arc::clone(&self.inner.sessions);
         let ctx = WorkerCtx {
-            store: Arc::clone(&self.inner.store),
+            store: self.inner.store.fenced(s.epoch()),
             limits: Arc::clone(&self.inner.limits),
             shutdown: self.inner.shutdown.clone(),
             on_exit: Box::new(move || {
                 lock_registry(&registry).live.remove(&id);
+            }),
+            shared: self.inner.cluster.as_ref().map(|c| worker::Shared {
+                redis: c.redis().clone(),
+                replica: c.replica().to_string(),
             }),
         };
         let mut worker = Worker::new(ctx, Arc::clone(&s), upstream, decoder);
@@ -553,6 +590,20 @@ impl SessionManager {
             tracing::info_span!("session", id = %id),
         ));
     }
+}
+
+/// Chunk 0 of a `wav` session must be a RIFF/WAVE header.
+fn check_wav_header(format: AudioFormat, seq: u64, body: &[u8]) -> Result<(), SessionError> {
+    if format == AudioFormat::Wav
+        && seq == 0
+        && body.len() >= 12
+        && (&body[0..4] != b"RIFF" || &body[8..12] != b"WAVE")
+    {
+        return Err(SessionError::UnsupportedAudio(
+            "chunk 0 of a \"wav\" session must start with a RIFF/WAVE header".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Counts a held long-poll until dropped (also when the request is abandoned mid-hold).

@@ -32,7 +32,7 @@ impl SessionManager {
         let orphans = self.inner.store.unfinished().await?;
         let (mut resumed, mut failed) = (0, 0);
         for (rec, max_seq) in orphans {
-            match self.resume(rec.clone()).await {
+            match self.resume(rec.clone(), self.inner.epoch).await {
                 Ok(()) => resumed += 1,
                 Err(why) => {
                     tracing::warn!(session_id = %rec.id, %why, "cannot resume session");
@@ -44,7 +44,7 @@ impl SessionManager {
         Ok((resumed, failed))
     }
 
-    async fn fail_orphan(
+    pub(super) async fn fail_orphan(
         &self,
         rec: &SessionRecord,
         max_seq: u64,
@@ -81,7 +81,8 @@ impl SessionManager {
         Ok(())
     }
 
-    async fn resume(&self, rec: SessionRecord) -> Result<(), String> {
+    /// Resumes one session under `epoch` (this process's, or the one a takeover claimed).
+    pub(super) async fn resume(&self, rec: SessionRecord, epoch: u64) -> Result<(), String> {
         let limits = &self.inner.limits;
         let opts: CreateOptions =
             serde_json::from_str(&rec.options_json).map_err(|e| format!("options: {e}"))?;
@@ -158,7 +159,7 @@ impl SessionManager {
             RateLimit::new(limits.max_chunks_per_s),
         );
         let session_id = rec.id.clone();
-        let session = Session::new(rec, format, self.inner.epoch, state)?;
+        let session = Session::new(rec, format, epoch, state)?;
         let upstream = Upstream {
             provider,
             opts: stream_opts,

@@ -161,6 +161,10 @@ pub struct Session {
     pub(super) log_tx: watch::Sender<u64>,
     /// Cancelled by DELETE.
     pub(super) cancel: CancellationToken,
+    /// Cancelled when another replica runs the session now (its lease lapsed, a write was
+    /// fenced, or this replica handed it off while draining): the worker stops without
+    /// recording an end.
+    pub(super) fenced: CancellationToken,
 }
 
 impl Session {
@@ -192,6 +196,7 @@ impl Session {
             wake: Notify::new(),
             log_tx: watch::Sender::new(last_seq),
             cancel: CancellationToken::new(),
+            fenced: CancellationToken::new(),
         })
     }
 

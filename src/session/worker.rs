@@ -17,7 +17,8 @@ use super::state::{Session, Status};
 use super::stored::stored;
 use crate::audio::Decoder;
 use crate::provider::{Provider, ProviderEvent, ProviderInput, ProviderStream, StreamOptions};
-use crate::store::{SessionProgress, SessionStore};
+use crate::store::redis::RedisStore;
+use crate::store::{SessionProgress, SessionStore, StoreError};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +48,21 @@ pub(super) struct WorkerCtx {
     /// Called once when the worker is done (after the linger): drops the session from the
     /// registry.
     pub on_exit: Box<dyn FnOnce() + Send + Sync>,
+    /// Set when replicas share sessions through Redis: this worker then takes its chunks from
+    /// the shared chunk log and stores partials too, so any replica can serve its polls.
+    pub shared: Option<Shared>,
 }
+
+/// What the owner of a shared session needs of the other replicas (see `cluster.rs`).
+pub(super) struct Shared {
+    /// The Redis engine.
+    pub redis: RedisStore,
+    /// This replica's id (the lease holder name).
+    pub replica: String,
+}
+
+/// Chunks taken from the shared chunk log per pull.
+const TAKE_BATCH: u64 = 64;
 
 /// The provider side of a session: what is needed to reopen its stream after a fault.
 pub(super) struct Upstream {
@@ -65,6 +80,8 @@ pub(super) struct Upstream {
 pub(super) enum Input {
     /// The client cancelled the session.
     Cancelled,
+    /// Another replica runs the session now (lease lost, a write fenced, or handed off).
+    Fenced,
     /// The server began shutting down.
     Shutdown,
     /// The provider reported something; `None` when its stream closed.
@@ -134,7 +151,20 @@ impl Worker {
     pub(super) async fn run(mut self) {
         let reason = self.drive().await;
         self.up.cancel.cancel();
+        if self.s.fenced.is_cancelled() {
+            // Not ours to end: the replica that took it over resumes it from the store.
+            tracing::info!("session left to another replica");
+            let exit = std::mem::replace(&mut self.ctx.on_exit, Box::new(|| {}));
+            exit();
+            return;
+        }
         self.record_end(reason).await;
+        if let Some(sh) = &self.ctx.shared {
+            let id = self.s.id.to_string();
+            if let Err(e) = sh.redis.release(&id, &sh.replica, self.s.epoch()).await {
+                tracing::warn!(error = %e, "releasing the lease of an ended session failed");
+            }
+        }
         let linger = Duration::from_millis(self.ctx.limits.session_linger_ms);
         let _ = self
             .ctx
@@ -166,7 +196,7 @@ impl Worker {
             return;
         }
         let note = format!(
-            "the server restarted; the session continues and the audio from {} ms on is recognised again",
+            "the server restarted (or another replica took the session over); the session continues and the audio from {} ms on is recognised again",
             self.replay.start_ms
         );
         self.push(Event::warning("session_resumed", &note)).await;
@@ -198,6 +228,7 @@ impl Worker {
     /// are drained while the provider is fed.
     pub(super) async fn next_input(&mut self) -> Input {
         let cancel = self.s.cancel.clone();
+        let fenced = self.s.fenced.clone();
         let shutdown = self.ctx.shutdown.clone();
         let tx = self.up.stream.input.clone();
         let can_send = !self.outbox.is_empty() && !self.input_closed;
@@ -205,6 +236,7 @@ impl Worker {
         tokio::select! {
             biased;
             () = cancel.cancelled() => Input::Cancelled,
+            () = fenced.cancelled() => Input::Fenced,
             () = shutdown.cancelled(), if !self.shutdown_seen => Input::Shutdown,
             ev = self.up.stream.events.recv() => Input::Provider(ev),
             p = tx.reserve_owned(), if can_send => Input::Sendable(p.ok()),
@@ -217,6 +249,14 @@ impl Worker {
     pub(super) async fn step(&mut self, input: Input) -> Option<EndReason> {
         match input {
             Input::Cancelled => return Some(EndReason::Cancelled),
+            Input::Fenced => return Some(EndReason::Failed),
+            Input::Shutdown if self.ctx.shared.is_some() => {
+                // A draining replica hands its sessions over: it drops the lease and another
+                // replica resumes the session from the store at once.
+                self.shutdown_seen = true;
+                self.hand_off().await;
+                return Some(EndReason::Failed);
+            }
             Input::Shutdown => {
                 self.shutdown_seen = true;
                 let reason = if self.s.lock().ingest.finish_requested() {
@@ -247,7 +287,13 @@ impl Worker {
             }
             Input::Sendable(None) => self.input_closed = true,
             Input::Wake => self.feed(false).await,
-            Input::Tick => self.check_idle().await,
+            Input::Tick => {
+                // A chunk announced while the wake-up channel was reconnecting is not lost.
+                if self.ctx.shared.is_some() && self.outbox.is_empty() && !self.input_done {
+                    self.feed(false).await;
+                }
+                self.check_idle().await;
+            }
         }
         self.outcome
     }
@@ -255,6 +301,9 @@ impl Worker {
     /// Decodes every ready chunk into the outbox; queues `Finish` once the audio is complete
     /// (or at once when `force` is set, as when winding down).
     async fn feed(&mut self, force: bool) {
+        if self.ctx.shared.is_some() {
+            self.pull().await;
+        }
         let (chunks, mut complete) = {
             let mut st = self.s.lock();
             let chunks = st.ingest.take_ready();
@@ -312,6 +361,49 @@ impl Worker {
         }
     }
 
+    /// Moves chunks any replica stored in the shared chunk log into the local ingest buffer, in
+    /// seq order; the end of the audio once every chunk up to it is taken.
+    async fn pull(&mut self) {
+        let Some(sh) = &self.ctx.shared else { return };
+        let id = self.s.id.to_string();
+        let from = self.s.lock().ingest.expected();
+        let taken = match sh.redis.take_chunks(&id, from, TAKE_BATCH).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "taking chunks from the shared log failed; retrying on the next tick");
+                return;
+            }
+        };
+        let mut st = self.s.lock();
+        let full = taken.chunks.len() as u64 == TAKE_BATCH;
+        for c in taken.chunks {
+            if let Err(e) = st.ingest.offer(c.seq, c.data.into(), c.last) {
+                tracing::error!(error = %e, seq = c.seq, "a chunk of the shared log was refused");
+            }
+        }
+        if taken.finish && st.status == Status::Open {
+            st.status = Status::Finishing;
+        }
+        if taken.complete {
+            st.ingest.request_finish();
+        }
+        st.last_activity = Instant::now();
+        drop(st);
+        if full {
+            self.s.wake.notify_one(); // more to take once this batch is fed
+        }
+    }
+
+    /// Drops this replica's lease (drain): the session is another replica's from now on.
+    async fn hand_off(&mut self) {
+        let Some(sh) = &self.ctx.shared else { return };
+        let id = self.s.id.to_string();
+        if let Err(e) = sh.redis.release(&id, &sh.replica, self.s.epoch()).await {
+            tracing::warn!(error = %e, "dropping the lease failed; it lapses on its own");
+        }
+        self.s.fenced.cancel();
+    }
+
     /// Stops taking audio, flushes what was accepted, and gives the provider until `grace`
     /// to deliver its last results; the session then ends with `reason`.
     async fn wind_down(&mut self, reason: EndReason, note: Option<Event>, grace: Duration) {
@@ -336,6 +428,12 @@ impl Worker {
             let mut st = self.s.lock();
             st.ingest.request_finish();
             st.status = Status::Finishing;
+        }
+        if let Some(sh) = &self.ctx.shared {
+            // Later uploads on any replica then meet the end of the audio.
+            if let Err(e) = sh.redis.request_finish(&self.s.id.to_string()).await {
+                tracing::warn!(error = %e, "recording the end of the audio failed");
+            }
         }
         if let Some(ev) = note {
             self.push(ev).await;
@@ -501,7 +599,12 @@ impl Worker {
             }
             self.seq_reserved = upto;
         }
-        let durable = !matches!(ev.kind, EventKind::Partial | EventKind::End);
+        // Shared sessions store partials too: other replicas serve polls from the store.
+        let durable = match ev.kind {
+            EventKind::End => false,
+            EventKind::Partial => self.ctx.shared.is_some(),
+            _ => true,
+        };
         let appended = self.s.push_event(ev, !durable)?;
         if durable {
             let row = stored(&appended);
@@ -521,12 +624,17 @@ impl Worker {
     async fn retry_store<F, Fut>(&self, what: &str, mut op: F) -> bool
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), crate::store::StoreError>>,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
     {
         let mut backoff = Duration::from_millis(50);
         loop {
             match op().await {
                 Ok(()) => return true,
+                Err(StoreError::Fenced) => {
+                    tracing::warn!(what, "another replica took the session over; stopping here");
+                    self.s.fenced.cancel();
+                    return false;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, cause = ?e, what, ?backoff, "store write failed; retrying");
                     tokio::select! {

@@ -103,6 +103,7 @@ async fn rig() -> Rig {
         limits: Arc::new(limits),
         shutdown: CancellationToken::new(),
         on_exit: Box::new(|| {}),
+        shared: None,
     };
     let up = Upstream {
         provider,

@@ -3,6 +3,7 @@
 
 mod history_sqlite;
 pub mod redis;
+pub mod redis_coord;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -80,6 +81,10 @@ pub enum StoreError {
     /// Redis failed or could not be reached.
     #[error("redis error")]
     Redis(#[from] ::redis::RedisError),
+    /// A write under an epoch that is no longer the session's: another replica took the
+    /// session over (Redis engine only); the writer must stop running the session.
+    #[error("the session was taken over by another replica")]
+    Fenced,
     /// A stored value could not be read back.
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
@@ -108,6 +113,10 @@ pub trait SessionStore: Send + Sync {
     /// Sessions not yet ended (left open by a previous process), each with its highest stored
     /// event seq (0 when none).
     async fn unfinished(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError>;
+    /// A handle whose writes for a session (progress, events, end, seq reservations) are
+    /// refused with [`StoreError::Fenced`] once the session's epoch moves past `epoch`, i.e.
+    /// once another replica took it over. Stores without replicas return themselves.
+    fn fenced(&self, epoch: u64) -> std::sync::Arc<dyn SessionStore>;
     /// Checks the database is writable (for `/ready`).
     async fn check_writable(&self) -> Result<(), StoreError>;
     /// Writes accepted chunks in one transaction (the group commit of uploads); idempotent on

@@ -28,10 +28,26 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Index of sessions not yet ended.
 const UNFINISHED: &str = "voxpoll:unfinished";
 
-/// Lua: writes a progress snapshot (ARGV 1..6: status, acked_seq or "", audio_ms, transcript,
-/// end_reason or "", at_ms) to the session hash KEYS[1]; a status never goes back (see
-/// `sqlite::write_progress`). Shared by `update_progress` and `end_session`.
+/// Channel every stored event is announced on, as `<session id> <seq>`: replicas holding a
+/// long-poll for that session wake up (see `redis_coord`).
+pub const EVENTS_CHANNEL: &str = "voxpoll:ev";
+
+/// Lua shared by the write scripts:
+/// - `fenced(s, fence)`: true when a writer bound to epoch `fence` (a non-empty, non-zero
+///   string) is no longer the session's owner: the session hash's `epoch` moved on because
+///   another replica took the session over. Such writes are refused with a `FENCED` error.
+/// - `progress(s, a)`: writes a progress snapshot (a 1..6: status, acked_seq or "", audio_ms,
+///   transcript, end_reason or "", at_ms); a status never goes back (see
+///   `sqlite::write_progress`).
+/// - `event(e, p, seq, json)`: stores an event once per seq; a partial or final of sentence k
+///   replaces the partial of k stored before (as `EventLog::append` coalesces them in memory),
+///   so the stored log never holds more than one partial per sentence.
 const PROGRESS_LUA: &str = r"
+local function fenced(key, fence)
+  if fence == nil or fence == '' or fence == '0' then return false end
+  local cur = redis.call('HGET', key, 'epoch')
+  return cur and cur ~= fence
+end
 local function progress(key, a)
   if redis.call('EXISTS', key) == 0 then return 0 end
   local status = a[1]
@@ -43,15 +59,37 @@ local function progress(key, a)
   if a[5] ~= '' then redis.call('HSET', key, 'end_reason', a[5], 'ended_at_ms', a[6]) end
   return 1
 end
-local function event(key, seq, json)
-  if redis.call('ZCOUNT', key, seq, seq) == 0 then redis.call('ZADD', key, seq, json) end
+local function event(key, pkey, seq, json)
+  if redis.call('ZCOUNT', key, seq, seq) ~= 0 then return end
+  local ok, ev = pcall(cjson.decode, json)
+  if ok and type(ev) == 'table' and (ev.type == 'partial' or ev.type == 'final') then
+    local sentence = tostring(ev.sentence)
+    local old = redis.call('HGET', pkey, sentence)
+    if old then redis.call('ZREMRANGEBYSCORE', key, old, old) redis.call('HDEL', pkey, sentence) end
+    if ev.type == 'partial' then redis.call('HSET', pkey, sentence, seq) end
+  end
+  redis.call('ZADD', key, seq, json)
 end
+local function refuse() return redis.error_reply('FENCED the session was taken over by another replica') end
 ";
+
+/// Set of the open sessions of one user (`None`: auth off), for the cluster-wide
+/// `max_sessions_per_user`.
+pub(super) fn user_open_key(user: Option<&str>) -> String {
+    format!("voxpoll:u:{{{}}}:open", user.unwrap_or(""))
+}
 
 /// A Redis-backed session store.
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
+    /// The epoch this handle writes under ([`SessionStore::fenced`]); `None`: unfenced.
+    fence: Option<u64>,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+struct Scripts {
     update: Script,
     end: Script,
     insert: Script,
@@ -75,45 +113,87 @@ impl RedisStore {
             .set_max_delay(1_000)
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT);
-        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-        Ok(Self {
-            conn,
-            update: Script::new(&format!("{PROGRESS_LUA} return progress(KEYS[1], ARGV)")),
+        let scripts = Scripts {
+            update: Script::new(&format!(
+                "{PROGRESS_LUA} if fenced(KEYS[1], ARGV[7]) then return refuse() end \
+                 return progress(KEYS[1], ARGV)"
+            )),
+            // KEYS: s, e, c, p; ARGV: progress 1..6, end seq, end json, fence, id.
             end: Script::new(&format!(
-                "{PROGRESS_LUA} event(KEYS[2], ARGV[7], ARGV[8]) \
-                 local r = progress(KEYS[1], ARGV) redis.call('DEL', KEYS[3]) return r"
+                "{PROGRESS_LUA} if fenced(KEYS[1], ARGV[9]) then return refuse() end \
+                 event(KEYS[2], KEYS[4], ARGV[7], ARGV[8]) \
+                 local r = progress(KEYS[1], ARGV) redis.call('DEL', KEYS[3], KEYS[4]) \
+                 redis.call('PUBLISH', '{EVENTS_CHANNEL}', ARGV[10] .. ' ' .. ARGV[7]) return r"
             )),
             insert: Script::new(
                 "if redis.call('EXISTS', KEYS[1]) == 1 then \
                    return redis.error_reply('session ' .. KEYS[1] .. ' exists') end \
                  redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
             ),
-            event: Script::new(&format!("{PROGRESS_LUA} event(KEYS[1], ARGV[1], ARGV[2]) return 1")),
-            reserve: Script::new(
-                "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+            // KEYS: e, s, p; ARGV: seq, json, fence, id.
+            event: Script::new(&format!(
+                "{PROGRESS_LUA} if fenced(KEYS[2], ARGV[3]) then return refuse() end \
+                 event(KEYS[1], KEYS[3], ARGV[1], ARGV[2]) \
+                 redis.call('PUBLISH', '{EVENTS_CHANNEL}', ARGV[4] .. ' ' .. ARGV[1]) return 1"
+            )),
+            reserve: Script::new(&format!(
+                "{PROGRESS_LUA} if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+                 if fenced(KEYS[1], ARGV[2]) then return refuse() end \
                  local cur = tonumber(redis.call('HGET', KEYS[1], 'seq_reserved') or '0') \
                  if tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'seq_reserved', ARGV[1]) end \
-                 return 1",
-            ),
+                 return 1"
+            )),
+        };
+        Ok(Self {
+            client,
+            conn,
+            fence: None,
+            scripts: std::sync::Arc::new(scripts),
         })
     }
 
-    fn conn(&self) -> ConnectionManager {
+    pub(super) fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The client, for connections of their own (pub/sub).
+    pub(super) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    fn fence_arg(&self) -> String {
+        self.fence.map(|e| e.to_string()).unwrap_or_default()
     }
 }
 
-fn session_key(id: &str) -> String {
+/// A script's answer, with a `FENCED` refusal told apart.
+fn scripted<T>(r: Result<T, redis::RedisError>) -> Result<T, StoreError> {
+    r.map_err(|e| {
+        if e.code() == Some("FENCED") {
+            StoreError::Fenced
+        } else {
+            StoreError::Redis(e)
+        }
+    })
+}
+
+pub(super) fn session_key(id: &str) -> String {
     format!("voxpoll:{{{id}}}:s")
 }
 
-fn events_key(id: &str) -> String {
+pub(super) fn events_key(id: &str) -> String {
     format!("voxpoll:{{{id}}}:e")
 }
 
-fn chunks_key(id: &str) -> String {
+pub(super) fn chunks_key(id: &str) -> String {
     format!("voxpoll:{{{id}}}:c")
+}
+
+/// Sentence → seq of its stored partial.
+pub(super) fn partials_key(id: &str) -> String {
+    format!("voxpoll:{{{id}}}:p")
 }
 
 /// The ARGV 1..6 of [`PROGRESS_LUA`].
@@ -168,9 +248,14 @@ fn record_from(mut h: HashMap<String, String>) -> Result<SessionRecord, StoreErr
     let num = |h: &HashMap<String, String>, k: &str| -> Result<Option<u64>, StoreError> {
         h.get(k).map(|v| v.parse().map_err(|_| bad(k))).transpose()
     };
+    // Under replicas the chunk log's own count (`in_next`, see `redis_coord`) is the truth.
+    let acked_seq = match num(&h, "in_next")? {
+        Some(next) => next.checked_sub(1),
+        None => num(&h, "acked_seq")?,
+    };
     Ok(SessionRecord {
         epoch: num(&h, "epoch")?.ok_or_else(|| bad("epoch"))?,
-        acked_seq: num(&h, "acked_seq")?,
+        acked_seq,
         audio_ms: num(&h, "audio_ms")?.unwrap_or(0),
         created_at_ms: num(&h, "created_at_ms")?.ok_or_else(|| bad("created_at_ms"))?,
         updated_at_ms: num(&h, "updated_at_ms")?.unwrap_or(0),
@@ -190,7 +275,7 @@ fn record_from(mut h: HashMap<String, String>) -> Result<SessionRecord, StoreErr
 #[async_trait::async_trait]
 impl SessionStore for RedisStore {
     async fn insert_session(&self, rec: &SessionRecord) -> Result<(), StoreError> {
-        let mut inv = self.insert.key(session_key(&rec.id));
+        let mut inv = self.scripts.insert.key(session_key(&rec.id));
         for (k, v) in record_fields(rec) {
             inv.arg(k).arg(v);
         }
@@ -203,24 +288,31 @@ impl SessionStore for RedisStore {
     }
 
     async fn update_progress(&self, id: &str, p: &SessionProgress) -> Result<(), StoreError> {
-        let _: i64 = self
+        let r: Result<i64, _> = self
+            .scripts
             .update
             .key(session_key(id))
             .arg(&progress_args(p))
+            .arg(self.fence_arg())
             .invoke_async(&mut self.conn())
-            .await?;
-        Ok(())
+            .await;
+        scripted(r).map(drop)
     }
 
     async fn append_event(&self, id: &str, ev: &StoredEvent) -> Result<(), StoreError> {
-        let _: i64 = self
+        let r: Result<i64, _> = self
+            .scripts
             .event
             .key(events_key(id))
+            .key(session_key(id))
+            .key(partials_key(id))
             .arg(ev.seq)
             .arg(&ev.json)
+            .arg(self.fence_arg())
+            .arg(id)
             .invoke_async(&mut self.conn())
-            .await?;
-        Ok(())
+            .await;
+        scripted(r).map(drop)
     }
 
     async fn end_session(
@@ -230,18 +322,25 @@ impl SessionStore for RedisStore {
         end: &StoredEvent,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let _: i64 = self
+        let r: Result<i64, _> = self
+            .scripts
             .end
             .key(session_key(id))
             .key(events_key(id))
             .key(chunks_key(id))
+            .key(partials_key(id))
             .arg(&progress_args(p))
             .arg(end.seq)
             .arg(&end.json)
+            .arg(self.fence_arg())
+            .arg(id)
             .invoke_async(&mut conn)
-            .await?;
-        // Outside the script (another slot in a Cluster); `unfinished` also checks the status.
+            .await;
+        scripted(r)?;
+        // Outside the script (other slots in a Cluster); `unfinished` also checks the status.
         let _: i64 = conn.srem(UNFINISHED, id).await?;
+        let user: Option<String> = conn.hget(session_key(id), "user_id").await?;
+        let _: i64 = conn.srem(user_open_key(user.as_deref()), id).await?;
         Ok(())
     }
 
@@ -282,6 +381,13 @@ impl SessionStore for RedisStore {
         }
         out.sort_by_key(|(r, _)| r.created_at_ms);
         Ok(out)
+    }
+
+    fn fenced(&self, epoch: u64) -> std::sync::Arc<dyn SessionStore> {
+        std::sync::Arc::new(Self {
+            fence: Some(epoch),
+            ..self.clone()
+        })
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
@@ -329,13 +435,15 @@ impl SessionStore for RedisStore {
     }
 
     async fn reserve_seqs(&self, id: &str, upto: u64) -> Result<(), StoreError> {
-        let _: i64 = self
+        let r: Result<i64, _> = self
+            .scripts
             .reserve
             .key(session_key(id))
             .arg(upto)
+            .arg(self.fence_arg())
             .invoke_async(&mut self.conn())
-            .await?;
-        Ok(())
+            .await;
+        scripted(r).map(drop)
     }
 
     async fn reserved_seqs(&self, id: &str) -> Result<u64, StoreError> {

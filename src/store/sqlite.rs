@@ -290,6 +290,11 @@ impl SessionStore for Db {
         .await
     }
 
+    /// One process owns every session of a SQLite file: nothing to fence.
+    fn fenced(&self, _epoch: u64) -> std::sync::Arc<dyn SessionStore> {
+        std::sync::Arc::new(self.clone())
+    }
+
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.call(|c| c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"))
             .await

@@ -4,148 +4,9 @@
 //! repeated.
 
 use crate::helpers::*;
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use crate::process::{create, drain, speech_chunks, Server};
+use serde_json::Value;
 use std::time::Duration;
-
-/// A `voxpoll serve` child process.
-struct Server {
-    child: Child,
-    url: String,
-    http: reqwest::Client,
-}
-
-impl Server {
-    fn start(db: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_voxpoll"))
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--decode-workers",
-                "2",
-                "--db",
-            ])
-            .arg(db)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "voxpoll=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn voxpoll");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("server listening");
-        Self {
-            child,
-            url: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill9(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
-    }
-
-    async fn upload(&self, id: &str, token: &str, seq: usize, last: bool, body: &[u8]) {
-        let q = if last {
-            format!("seq={seq}&last=1")
-        } else {
-            format!("seq={seq}")
-        };
-        loop {
-            let r = self
-                .http
-                .post(format!("{}/v1/sessions/{id}/audio?{q}", self.url))
-                .header("x-session-token", token)
-                .body(body.to_vec())
-                .send()
-                .await
-                .expect("upload");
-            match r.status().as_u16() {
-                200 => return,
-                429 => tokio::time::sleep(Duration::from_millis(200)).await,
-                s => panic!("chunk {seq}: {s} {}", r.text().await.unwrap_or_default()),
-            }
-        }
-    }
-
-    async fn poll(&self, id: &str, token: &str, after: u64) -> Value {
-        let r = self
-            .http
-            .get(format!(
-                "{}/v1/sessions/{id}/events?after={after}&wait_ms=2000",
-                self.url
-            ))
-            .header("x-session-token", token)
-            .send()
-            .await
-            .expect("poll");
-        assert_eq!(r.status(), 200);
-        r.json().await.expect("json")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Two Mandarin sentences with a pause, in 200 ms chunks of s16le.
-fn speech_chunks() -> Vec<Vec<u8>> {
-    let dir = root().join("tests/fixtures/zh");
-    let mut pcm = read_wav(&dir.join("01.wav"));
-    pcm.extend(vec![0i16; 16_000]);
-    pcm.extend(read_wav(&dir.join("03.wav")));
-    pcm.extend(vec![0i16; 12_800]);
-    pcm_bytes(&pcm).chunks(6400).map(<[u8]>::to_vec).collect()
-}
-
-async fn create(s: &Server) -> (String, String) {
-    let r = s
-        .http
-        .post(format!("{}/v1/sessions", s.url))
-        .json(&json!({"engine": "16k_zh"}))
-        .send()
-        .await
-        .expect("create");
-    let v: Value = r.json().await.expect("json");
-    (
-        v["session_id"].as_str().unwrap().into(),
-        v["session_token"].as_str().unwrap().into(),
-    )
-}
-
-/// Polls from `after` until `done`, returning the events.
-async fn drain(s: &Server, id: &str, token: &str, mut after: u64) -> Vec<Value> {
-    let mut out = Vec::new();
-    for _ in 0..120 {
-        let page = s.poll(id, token, after).await;
-        out.extend(page["events"].as_array().unwrap().iter().cloned());
-        after = page["next_cursor"].as_u64().unwrap();
-        if page["done"] == true {
-            return out;
-        }
-    }
-    panic!("session did not end: {out:?}");
-}
 
 #[tokio::test]
 async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
@@ -154,7 +15,7 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
     let n = chunks.len();
 
     // Without a crash.
-    let clean = Server::start(&dir.path().join("clean.db"));
+    let clean = Server::start(&dir.path().join("clean.db"), &[]);
     let (id, token) = create(&clean).await;
     for (i, c) in chunks.iter().enumerate() {
         clean.upload(&id, &token, i, i + 1 == n, c).await;
@@ -176,7 +37,7 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
     // With kill -9 at 6.4 s, inside the second sentence (it runs from 5.1 s to 8.4 s), after
     // the first final was served.
     let db = dir.path().join("crash.db");
-    let first = Server::start(&db);
+    let first = Server::start(&db, &[]);
     let (id, token) = create(&first).await;
     let cut = 32; // chunks 0..32 = 6.4 s
     for (i, c) in chunks.iter().enumerate().take(cut) {
@@ -193,7 +54,7 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
     }
     first.kill9();
 
-    let second = Server::start(&db);
+    let second = Server::start(&db, &[]);
     // The client goes on: same id, token, next seq, cursor.
     for (i, c) in chunks.iter().enumerate().skip(cut) {
         second.upload(&id, &token, i, i + 1 == n, c).await;
@@ -238,7 +99,7 @@ async fn finish_survives_a_kill_9_right_after_it_is_answered() {
     let n = 12; // 2.4 s: inside the first sentence
     for via_last in [false, true] {
         let db = dir.path().join(format!("finish-{via_last}.db"));
-        let a = Server::start(&db);
+        let a = Server::start(&db, &[]);
         let (id, token) = create(&a).await;
         for (i, c) in chunks.iter().take(n).enumerate() {
             a.upload(&id, &token, i, false, c).await;
@@ -257,7 +118,7 @@ async fn finish_survives_a_kill_9_right_after_it_is_answered() {
             assert_eq!(r.status(), 200);
         }
         a.kill9();
-        let b = Server::start(&db);
+        let b = Server::start(&db, &[]);
         let events = tokio::time::timeout(Duration::from_secs(40), drain(&b, &id, &token, 0))
             .await
             .unwrap_or_else(|_| panic!("via_last={via_last}: the session never ended"));

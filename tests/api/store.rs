@@ -62,6 +62,30 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Stops the server (SIGKILL: what it acknowledged is in its AOF).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same directory and socket, and waits for the socket.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let sock = self.url.trim_start_matches("redis+unix://").to_string();
+        let _ = std::fs::remove_file(&sock);
+        let dir = Path::new(&sock).parent().unwrap().to_path_buf();
+        self.child = spawn_redis(&dir, Path::new(&sock));
+        for _ in 0..200 {
+            if Path::new(&sock).exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not come back");
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -251,18 +275,14 @@ async fn redis_store_keeps_what_it_acknowledged_across_a_restart_and_reports_an_
         .await
         .unwrap();
     // Down: every call is an error (the engine answers 503 store_unavailable), none hangs.
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
+    server.stop();
     let down = tokio::time::timeout(Duration::from_secs(10), store.get_session(id)).await;
     assert!(
         matches!(down, Ok(Err(_))),
         "an error while Redis is down: {down:?}"
     );
     // Back on the same directory (AOF): the acknowledged chunk is there; the client reconnects.
-    let sock = server.url.trim_start_matches("redis+unix://").to_string();
-    let _ = std::fs::remove_file(&sock);
-    let dir = Path::new(&sock).parent().unwrap().to_path_buf();
-    server.child = spawn_redis(&dir, Path::new(&sock));
+    server.restart().await;
     let mut back = None;
     for _ in 0..100 {
         if let Ok(c) = store.chunks(id).await {

@@ -1,0 +1,175 @@
+//! The real binary as a child process (`voxpoll serve` on port 0), for what an in-process
+//! server cannot show: `kill -9`, several replicas, a start that must fail.
+
+use crate::helpers::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `voxpoll serve` child process, killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+/// The `voxpoll serve` command on loopback port 0 with `db` and `args`.
+pub fn serve_command(db: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_voxpoll"));
+    cmd.args([
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--decode-workers",
+        "2",
+        "--db",
+    ])
+    .arg(db)
+    .args(args)
+    .env("NO_COLOR", "1")
+    .env("RUST_LOG", "voxpoll=info");
+    cmd
+}
+
+impl Server {
+    /// Starts `voxpoll serve --db <db> <args…>` and waits until it listens.
+    pub fn start(db: &Path, args: &[&str]) -> Self {
+        let mut child = serve_command(db, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn voxpoll");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let verbose = std::env::var_os("VOXPOLL_TEST_LOG").is_some();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if verbose {
+                    eprintln!("[server] {line}");
+                }
+                if let Some(addr) = line.split("addr=").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server listening");
+        Self {
+            child,
+            url: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// Uploads chunk `seq` until it is acknowledged; 429 and 503 (store unavailable) are
+    /// retried after their `Retry-After`, as a client does.
+    pub async fn upload(&self, id: &str, token: &str, seq: usize, last: bool, body: &[u8]) {
+        let q = if last {
+            format!("seq={seq}&last=1")
+        } else {
+            format!("seq={seq}")
+        };
+        for _ in 0..300 {
+            let r = self
+                .http
+                .post(format!("{}/v1/sessions/{id}/audio?{q}", self.url))
+                .header("x-session-token", token)
+                .body(body.to_vec())
+                .send()
+                .await
+                .expect("upload");
+            match r.status().as_u16() {
+                200 => return,
+                429 | 503 => {
+                    assert!(r.headers().contains_key("retry-after"), "Retry-After");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                s => panic!("chunk {seq}: {s} {}", r.text().await.unwrap_or_default()),
+            }
+        }
+        panic!("chunk {seq} never acknowledged");
+    }
+
+    /// One poll after `after` (held up to 2 s): (status, body).
+    pub async fn try_poll(&self, id: &str, token: &str, after: u64) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!(
+                "{}/v1/sessions/{id}/events?after={after}&wait_ms=2000",
+                self.url
+            ))
+            .header("x-session-token", token)
+            .send()
+            .await
+            .expect("poll");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// One poll after `after` (held up to 2 s) that must succeed.
+    pub async fn poll(&self, id: &str, token: &str, after: u64) -> Value {
+        let (status, v) = self.try_poll(id, token, after).await;
+        assert_eq!(status, 200, "poll: {v}");
+        v
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two Mandarin sentences with a pause, in 200 ms chunks of s16le.
+pub fn speech_chunks() -> Vec<Vec<u8>> {
+    let dir = root().join("tests/fixtures/zh");
+    let mut pcm = read_wav(&dir.join("01.wav"));
+    pcm.extend(vec![0i16; 16_000]);
+    pcm.extend(read_wav(&dir.join("03.wav")));
+    pcm.extend(vec![0i16; 12_800]);
+    pcm_bytes(&pcm).chunks(6400).map(<[u8]>::to_vec).collect()
+}
+
+/// Creates a Mandarin session; (id, token).
+pub async fn create(s: &Server) -> (String, String) {
+    let r = s
+        .http
+        .post(format!("{}/v1/sessions", s.url))
+        .json(&json!({"engine": "16k_zh"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.expect("json");
+    (
+        v["session_id"].as_str().unwrap().into(),
+        v["session_token"].as_str().unwrap().into(),
+    )
+}
+
+/// Polls from `after` until `done`, returning the events.
+pub async fn drain(s: &Server, id: &str, token: &str, mut after: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    for _ in 0..120 {
+        let page = s.poll(id, token, after).await;
+        out.extend(page["events"].as_array().unwrap().iter().cloned());
+        after = page["next_cursor"].as_u64().unwrap();
+        if page["done"] == true {
+            return out;
+        }
+    }
+    panic!("session did not end: {out:?}");
+}
