@@ -11,6 +11,7 @@ use crate::provider::Provider;
 use crate::session::{Cluster, SessionLimits, SessionManager};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::Db;
+use crate::store::{HistoryStore, SessionStore};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,9 +57,6 @@ pub async fn build_with_providers(
 ) -> anyhow::Result<AppState> {
     config.validate()?;
     let config = Arc::new(config);
-    let db = Db::open(&config.db)
-        .await
-        .with_context(|| format!("opening database {}", config.db.display()))?;
     let engine = match engine {
         Some(e) => Ok(e),
         None => {
@@ -104,15 +102,19 @@ pub async fn build_with_providers(
         default: config.default_provider.clone(),
         by_name,
     };
-    let db = Arc::new(db);
-    let recognizer = Recognizer::new(
-        providers.clone(),
-        Arc::clone(&db) as Arc<dyn crate::store::HistoryStore>,
-        config.max_recognize_audio_ms,
-        config.max_recognize_concurrent,
-    );
-    let (store, cluster) = match &config.redis_url {
-        None => (Arc::clone(&db) as Arc<dyn crate::store::SessionStore>, None),
+    let (store, history, cluster) = match &config.redis_url {
+        None => {
+            let db = Arc::new(
+                Db::open(&config.db)
+                    .await
+                    .with_context(|| format!("opening database {}", config.db.display()))?,
+            );
+            (
+                Arc::clone(&db) as Arc<dyn SessionStore>,
+                db as Arc<dyn HistoryStore>,
+                None,
+            )
+        }
         Some(url) => {
             let redis = RedisStore::connect(url.expose())
                 .await
@@ -120,12 +122,20 @@ pub async fn build_with_providers(
             let replica = config.replica_id.clone().unwrap_or_else(default_replica_id);
             tracing::info!(%replica, lease_ms = config.lease_ms, "sessions shared through Redis");
             let cluster = Cluster::new(redis.clone(), replica, config.lease_ms);
+            let redis = Arc::new(redis);
             (
-                Arc::new(redis) as Arc<dyn crate::store::SessionStore>,
+                Arc::clone(&redis) as Arc<dyn SessionStore>,
+                redis as Arc<dyn HistoryStore>,
                 Some(cluster),
             )
         }
     };
+    let recognizer = Recognizer::new(
+        providers.clone(),
+        Arc::clone(&history),
+        config.max_recognize_audio_ms,
+        config.max_recognize_concurrent,
+    );
     let shared = cluster.is_some();
     let sessions = SessionManager::new(
         SessionLimits::from(&*config),
@@ -161,11 +171,11 @@ pub async fn build_with_providers(
         api_keys: config.api_keys.clone(),
     })?;
     tracing::info!(auth = ?auth, cors_origins = ?config.cors_origins, "caller authentication");
-    spawn_purge(Arc::clone(&config), Arc::clone(&db), shutdown);
+    spawn_purge(Arc::clone(&config), Arc::clone(&history), shutdown);
     Ok(AppState {
         config,
         sessions,
-        history: db,
+        history,
         recognizer,
         auth: Arc::new(auth),
     })
@@ -183,7 +193,7 @@ fn default_replica_id() -> String {
 }
 
 /// Deletes history past `history_retention_ms` every `purge_interval_ms` until shutdown.
-fn spawn_purge(config: Arc<Config>, db: Arc<Db>, shutdown: CancellationToken) {
+fn spawn_purge(config: Arc<Config>, db: Arc<dyn HistoryStore>, shutdown: CancellationToken) {
     if config.history_retention_ms == 0 {
         return;
     }
@@ -196,7 +206,7 @@ fn spawn_purge(config: Arc<Config>, db: Arc<Db>, shutdown: CancellationToken) {
                 _ = tick.tick() => {}
             }
             let cutoff = crate::clock::now_ms().saturating_sub(config.history_retention_ms);
-            match crate::store::HistoryStore::purge(&*db, cutoff).await {
+            match db.purge(cutoff).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "history past retention purged"),
                 Err(e) => tracing::error!(error = %e, cause = ?e, "history purge failed"),

@@ -99,18 +99,7 @@ impl HistoryStore for Db {
                     .collect::<Result<_, _>>()?;
                 events
                     .iter()
-                    .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
-                    .filter(|e| e["type"] == "final" && e["text"] != "")
-                    .map(|e| {
-                        let mut s = serde_json::json!({
-                            "sentence": e["sentence"], "text": e["text"],
-                            "start_ms": e["start_ms"], "end_ms": e["end_ms"],
-                        });
-                        if e.get("words").is_some() {
-                            s["words"] = e["words"].clone();
-                        }
-                        s
-                    })
+                    .filter_map(|e| super::history_sentence(e))
                     .collect()
             };
             item.sentences = Some(sentences);

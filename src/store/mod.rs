@@ -1,12 +1,13 @@
 //! Persistence of sessions and their final results, behind [`SessionStore`]: on SQLite
 //! (`sqlite`, the default) or on Redis (`redis`, the shared engine of issue 12). The store knows nothing of providers or HTTP.
 
+mod history_redis;
 mod history_sqlite;
 pub mod redis;
 pub mod redis_coord;
 pub mod sqlite;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A session row: what survives a restart.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -144,7 +145,7 @@ pub struct ChunkRecord {
 }
 
 /// A one-shot recognition as recorded.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RecognitionRecord {
     /// UUID v4, hyphenated.
     pub id: String,
@@ -223,4 +224,21 @@ pub trait HistoryStore: Send + Sync {
     async fn delete_history(&self, user: Option<String>, id: &str) -> Result<Deleted, StoreError>;
     /// Deletes ended sessions and recognitions older than `before_ms`; returns how many.
     async fn purge(&self, before_ms: u64) -> Result<usize, StoreError>;
+}
+
+/// The history form of a stored event: `{sentence, text, start_ms, end_ms, words?}` for a
+/// non-empty final, `None` for anything else. Shared by both history stores.
+pub(crate) fn history_sentence(event_json: &str) -> Option<serde_json::Value> {
+    let e: serde_json::Value = serde_json::from_str(event_json).ok()?;
+    if e["type"] != "final" || e["text"] == "" {
+        return None;
+    }
+    let mut s = serde_json::json!({
+        "sentence": e["sentence"], "text": e["text"],
+        "start_ms": e["start_ms"], "end_ms": e["end_ms"],
+    });
+    if e.get("words").is_some() {
+        s["words"] = e["words"].clone();
+    }
+    Some(s)
 }

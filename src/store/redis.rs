@@ -235,7 +235,9 @@ fn record_fields(r: &SessionRecord) -> Vec<(&'static str, String)> {
 }
 
 /// Reads a record back from its hash fields.
-fn record_from(mut h: HashMap<String, String>) -> Result<SessionRecord, StoreError> {
+pub(super) fn record_from_hash(
+    mut h: HashMap<String, String>,
+) -> Result<SessionRecord, StoreError> {
     let bad = |field: &str| StoreError::Corrupt(format!("session field {field} missing or bad"));
     let mut text = |k: &str| h.remove(k).ok_or_else(|| bad(k));
     let id = text("id")?;
@@ -284,6 +286,23 @@ impl SessionStore for RedisStore {
         if rec.ended_at_ms.is_none() {
             let _: i64 = conn.sadd(UNFINISHED, &rec.id).await?;
         }
+        // The history index (history_redis.rs).
+        let member = format!("s:{}", rec.id);
+        let user = rec.user_id.as_deref();
+        let _: i64 = conn
+            .zadd(
+                super::history_redis::history_key(user),
+                &member,
+                rec.created_at_ms,
+            )
+            .await?;
+        let _: i64 = conn
+            .zadd(
+                "voxpoll:h:all",
+                super::history_redis::all_member(user, &member),
+                rec.created_at_ms,
+            )
+            .await?;
         Ok(())
     }
 
@@ -349,7 +368,7 @@ impl SessionStore for RedisStore {
         if h.is_empty() {
             return Ok(None);
         }
-        record_from(h).map(Some)
+        record_from_hash(h).map(Some)
     }
 
     async fn events_after(&self, id: &str, after: u64) -> Result<Vec<StoredEvent>, StoreError> {

@@ -27,16 +27,28 @@ async fn one_shot(app: &TestApp) -> String {
 
 #[tokio::test]
 async fn sessions_and_recognitions_are_listed_paged_read_and_deleted() {
-    let app = spawn_app().await;
+    listed_paged_read_and_deleted(&spawn_app().await).await;
+}
+
+/// The same history on the Redis engine replicas share (`--redis-url`).
+#[tokio::test]
+async fn the_redis_engine_keeps_the_same_history() {
+    let redis = crate::store::RedisServer::start().await;
+    let url = redis.url.clone();
+    let app = spawn_app_with(|c| c.redis_url = Some(voxpoll::secret::Secret::new(url))).await;
+    listed_paged_read_and_deleted(&app).await;
+}
+
+async fn listed_paged_read_and_deleted(app: &TestApp) {
     let s = app
         .create(json!({"provider": "echo", "engine": "16k_en"}))
         .await;
     let events = app.stream_pcm(&s, &vec![100i16; 3200], 100, false).await;
     assert_eq!(transcript(&events), "1600 samples 1600 samples");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let rec = one_shot(&app).await;
+    let rec = one_shot(app).await;
 
-    let (st, page) = list(&app, "").await;
+    let (st, page) = list(app, "").await;
     assert_eq!(st, StatusCode::OK, "{page}");
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
@@ -54,9 +66,9 @@ async fn sessions_and_recognitions_are_listed_paged_read_and_deleted() {
     assert_eq!(items[1]["duration_ms"], 200);
 
     // Paging: one per page, following next_before, sees both once.
-    let (_, p1) = list(&app, "?limit=1").await;
+    let (_, p1) = list(app, "?limit=1").await;
     let cursor = p1["next_before"].as_str().expect("cursor").to_string();
-    let (_, p2) = list(&app, &format!("?limit=1&before={cursor}")).await;
+    let (_, p2) = list(app, &format!("?limit=1&before={cursor}")).await;
     assert_eq!(p1["items"][0]["id"].as_str(), Some(rec.as_str()));
     assert_eq!(p2["items"][0]["id"].as_str(), Some(s.id.as_str()));
     let (_, p3) = list(
@@ -67,7 +79,7 @@ async fn sessions_and_recognitions_are_listed_paged_read_and_deleted() {
     assert_eq!(p3["items"], json!([]));
     assert_eq!(p3["next_before"], Value::Null);
     for bad in ["?limit=0", "?limit=101", "?before=yesterday"] {
-        let (st, body) = list(&app, bad).await;
+        let (st, body) = list(app, bad).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
 
@@ -95,7 +107,7 @@ async fn sessions_and_recognitions_are_listed_paged_read_and_deleted() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let (_, page) = list(&app, "").await;
+    let (_, page) = list(app, "").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
 
     // An open session cannot be deleted from history.

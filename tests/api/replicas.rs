@@ -91,6 +91,24 @@ impl Replicas {
         }
     }
 
+    /// Polls (round-robin) from 0 until an event matches `stop`; the events so far.
+    async fn drain_until(
+        &self,
+        id: &str,
+        token: &str,
+        stop: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        let mut after = 0;
+        while !out.iter().any(&stop) {
+            let page = self.next().poll(id, token, after).await;
+            out.extend(page["events"].as_array().unwrap().iter().cloned());
+            after = page["next_cursor"].as_u64().unwrap();
+            assert!(page["done"] != true, "ended early: {out:?}");
+        }
+        out
+    }
+
     /// Polls (round-robin) from `after` until `done`; 503 during a Redis outage is retried.
     async fn drain(&self, id: &str, token: &str, mut after: u64) -> Vec<Value> {
         let mut out = Vec::new();
@@ -250,14 +268,11 @@ async fn kill_9_of_the_replica_running_a_session_hands_it_over() {
     let (id, token) = create(r.at(0)).await;
     let cut = 32;
     r.upload(&id, &token, &chunks, 0..cut).await;
-    let mut seen: Vec<Value> = Vec::new();
-    let (mut cursor, mut epoch) = (0, 0);
-    while !seen.iter().any(|e| e["type"] == "final") {
-        let page = r.next().poll(&id, &token, cursor).await;
-        seen.extend(page["events"].as_array().unwrap().iter().cloned());
-        cursor = page["next_cursor"].as_u64().unwrap();
-        epoch = page["epoch"].as_u64().unwrap();
-    }
+    let mut seen = r.drain_until(&id, &token, |e| e["type"] == "final").await;
+    let cursor = seen.last().unwrap()["seq"].as_u64().unwrap();
+    let epoch = r.next().poll(&id, &token, cursor).await["epoch"]
+        .as_u64()
+        .unwrap();
     r.kill9(0);
     let killed = Instant::now();
     // The client goes on with the other replicas: same id, token, next seq, cursor.
@@ -286,6 +301,39 @@ async fn kill_9_of_the_replica_running_a_session_hands_it_over() {
         clean,
         "same transcript as without the kill"
     );
+}
+
+#[tokio::test]
+async fn a_draining_replica_hands_its_sessions_over_at_once() {
+    let clean = one_instance_transcript().await;
+    let mut r = Replicas::start(2, &["--lease-ms", "20000"]).await;
+    let chunks = speech_chunks();
+    let (id, token) = create(r.at(0)).await;
+    r.upload(&id, &token, &chunks, 0..20).await;
+    let seen = r
+        .drain_until(&id, &token, |e| {
+            e["type"] == "partial" || e["type"] == "final"
+        })
+        .await;
+    // Scale-in: SIGTERM. The replica drops its leases as it stops, so the other one takes the
+    // session over long before the (here 20 s) lease would lapse.
+    let stopped = Instant::now();
+    let status = r.servers[0].take().unwrap().terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    let cursor = seen.last().map_or(0, |e| e["seq"].as_u64().unwrap());
+    let (_, rest) = tokio::join!(
+        r.upload(&id, &token, &chunks, 20..chunks.len()),
+        r.drain(&id, &token, cursor)
+    );
+    let resumed = rest.iter().position(|e| e["code"] == "session_resumed");
+    assert!(resumed.is_some(), "{rest:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(20),
+        "taken over before the lease lapsed"
+    );
+    let mut all = seen;
+    all.extend(rest);
+    assert_eq!(check_log(&all), clean, "same transcript across the drain");
 }
 
 #[tokio::test]
