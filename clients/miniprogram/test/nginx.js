@@ -49,22 +49,28 @@ function nginxBinary () {
   throw new Error('nginx not found: scripts/setup installs the Debian package')
 }
 
-/** Starts nginx with every config in front of `upstreamPort`; resolves `{urls: {name: url}, stop}`. */
-async function startNginx (upstreamPort) {
+/**
+ * Starts nginx with every config of `configs` in front of `upstream`: one port, or several
+ * (an upstream group, round-robin per request: no affinity, as cloud hosts route); resolves
+ * `{urls: {name: url}, stop, accessLog}`; with `opts.accessLog`, `accessLog()` returns the lines
+ * `<upstream addr> <method> <uri>` of every request served so far.
+ */
+async function startNginx (upstream, configs = CONFIGS, opts = {}) {
+  const ports = [].concat(upstream)
   const bin = nginxBinary()
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'voxpoll-nginx-'))
   for (const d of ['body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']) fs.mkdirSync(path.join(dir, d), { mode: 0o777 })
   fs.chmodSync(dir, 0o777)
   const urls = {}
   let servers = ''
-  for (const [name, body] of Object.entries(CONFIGS)) {
+  for (const [name, body] of Object.entries(configs)) {
     const port = await freePort()
     urls[name] = `http://127.0.0.1:${port}`
     servers += `
   server {
     listen 127.0.0.1:${port};
     location / {${body}
-      proxy_pass http://127.0.0.1:${upstreamPort};
+      proxy_pass http://voxpoll;
     }
   }`
   }
@@ -75,13 +81,17 @@ pid ${dir}/nginx.pid;
 error_log ${dir}/error.log warn;
 events { worker_connections 512; }
 http {
-  access_log off;
+  ${opts.accessLog ? `log_format up '$upstream_addr $request_method $uri';
+  access_log ${dir}/access.log up;` : 'access_log off;'}
   client_body_temp_path ${dir}/body;
   proxy_temp_path ${dir}/proxy;
   fastcgi_temp_path ${dir}/fastcgi;
   uwsgi_temp_path ${dir}/uwsgi;
   scgi_temp_path ${dir}/scgi;
   map $http_upgrade $connection_upgrade { default upgrade; '' close; }
+  upstream voxpoll {${ports.map((p) => `
+    server 127.0.0.1:${p} max_fails=0;`).join('')}
+  }
 ${servers}
 }
 `
@@ -106,6 +116,7 @@ ${servers}
   }
   return {
     urls,
+    accessLog: () => fs.existsSync(path.join(dir, 'access.log')) ? fs.readFileSync(path.join(dir, 'access.log'), 'utf8').trim().split('\n') : [],
     stop: () => new Promise((resolve) => {
       proc.once('exit', () => { fs.rmSync(dir, { recursive: true, force: true }); resolve() })
       proc.kill('SIGQUIT')
@@ -113,4 +124,4 @@ ${servers}
   }
 }
 
-module.exports = { startNginx, CONFIGS }
+module.exports = { startNginx, CONFIGS, freePort }
