@@ -102,7 +102,9 @@ pub async fn build_with_providers(
         default: config.default_provider.clone(),
         by_name,
     };
-    let (store, history, cluster) = match &config.redis_url {
+    // An empty VOXPOLL_REDIS_URL (an env template's blank) means none.
+    let redis_url = config.redis_url.as_ref().filter(|u| !u.expose().is_empty());
+    let (store, history, cluster) = match redis_url {
         None => {
             let db = Arc::new(
                 Db::open(&config.db)

@@ -72,7 +72,7 @@ async fn listed_paged_read_and_deleted(app: &TestApp) {
     assert_eq!(p1["items"][0]["id"].as_str(), Some(rec.as_str()));
     assert_eq!(p2["items"][0]["id"].as_str(), Some(s.id.as_str()));
     let (_, p3) = list(
-        &app,
+        app,
         &format!("?limit=1&before={}", p2["next_before"].as_str().unwrap()),
     )
     .await;
