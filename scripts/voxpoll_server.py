@@ -1,12 +1,13 @@
-"""Shared by scripts/bench-ack and scripts/soak: start `target/debug/voxpoll serve` on a free
-loopback port with a given SQLite file and extra flags."""
+"""Shared by scripts/bench-ack, scripts/bench-cluster and scripts/soak: start
+`target/debug/voxpoll serve` ($VOXPOLL_BIN overrides it) on a free loopback port with a given
+SQLite file and extra flags."""
 import os
 import re
 import subprocess
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "debug", "voxpoll")
+BIN = os.environ.get("VOXPOLL_BIN") or os.path.join(ROOT, "target", "debug", "voxpoll")
 
 
 def start(db, *flags):

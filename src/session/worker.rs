@@ -17,7 +17,6 @@ use super::state::{Session, Status};
 use super::stored::stored;
 use crate::audio::Decoder;
 use crate::provider::{Provider, ProviderEvent, ProviderInput, ProviderStream, StreamOptions};
-use crate::store::redis::RedisStore;
 use crate::store::{SessionProgress, SessionStore, StoreError};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -52,17 +51,6 @@ pub(super) struct WorkerCtx {
     /// the shared chunk log and stores partials too, so any replica can serve its polls.
     pub shared: Option<Shared>,
 }
-
-/// What the owner of a shared session needs of the other replicas (see `cluster.rs`).
-pub(super) struct Shared {
-    /// The Redis engine.
-    pub redis: RedisStore,
-    /// This replica's id (the lease holder name).
-    pub replica: String,
-}
-
-/// Chunks taken from the shared chunk log per pull.
-const TAKE_BATCH: u64 = 64;
 
 /// The provider side of a session: what is needed to reopen its stream after a fault.
 pub(super) struct Upstream {
@@ -361,49 +349,6 @@ impl Worker {
         }
     }
 
-    /// Moves chunks any replica stored in the shared chunk log into the local ingest buffer, in
-    /// seq order; the end of the audio once every chunk up to it is taken.
-    async fn pull(&mut self) {
-        let Some(sh) = &self.ctx.shared else { return };
-        let id = self.s.id.to_string();
-        let from = self.s.lock().ingest.expected();
-        let taken = match sh.redis.take_chunks(&id, from, TAKE_BATCH).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "taking chunks from the shared log failed; retrying on the next tick");
-                return;
-            }
-        };
-        let mut st = self.s.lock();
-        let full = taken.chunks.len() as u64 == TAKE_BATCH;
-        for c in taken.chunks {
-            if let Err(e) = st.ingest.offer(c.seq, c.data.into(), c.last) {
-                tracing::error!(error = %e, seq = c.seq, "a chunk of the shared log was refused");
-            }
-        }
-        if taken.finish && st.status == Status::Open {
-            st.status = Status::Finishing;
-        }
-        if taken.complete {
-            st.ingest.request_finish();
-        }
-        st.last_activity = Instant::now();
-        drop(st);
-        if full {
-            self.s.wake.notify_one(); // more to take once this batch is fed
-        }
-    }
-
-    /// Drops this replica's lease (drain): the session is another replica's from now on.
-    async fn hand_off(&mut self) {
-        let Some(sh) = &self.ctx.shared else { return };
-        let id = self.s.id.to_string();
-        if let Err(e) = sh.redis.release(&id, &sh.replica, self.s.epoch()).await {
-            tracing::warn!(error = %e, "dropping the lease failed; it lapses on its own");
-        }
-        self.s.fenced.cancel();
-    }
-
     /// Stops taking audio, flushes what was accepted, and gives the provider until `grace`
     /// to deliver its last results; the session then ends with `reason`.
     async fn wind_down(&mut self, reason: EndReason, note: Option<Event>, grace: Duration) {
@@ -683,6 +628,10 @@ impl Worker {
         );
     }
 }
+
+#[path = "worker_shared.rs"]
+mod shared;
+pub(super) use shared::Shared;
 
 #[cfg(test)]
 #[path = "worker_tests.rs"]
