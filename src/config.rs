@@ -21,7 +21,8 @@ pub struct Config {
     pub db: PathBuf,
 
     /// Redis 7+ / Valkey shared by several replicas (`redis://[user:password@]host:port[/db]`,
-    /// `rediss://…` for TLS, `redis+unix:///path`): sessions, chunks, events, leases and the
+    /// `rediss://…` for TLS, verified against the system trust store or the CA file named by
+    /// `SSL_CERT_FILE`, `redis+unix:///path`): sessions, chunks, events, leases and the
     /// per-user budget then live there, and any replica serves any request of any session
     /// (README "Many replicas"). Unset: everything stays in the SQLite file `--db`.
     #[arg(long, env = "VOXPOLL_REDIS_URL", hide_env_values = true)]

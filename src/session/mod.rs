@@ -290,12 +290,14 @@ impl SessionManager {
         }
         let registered = async {
             let stream = provider.open(&stream_opts, provider_cancel.clone())?;
-            self.inner.store.insert_session(&rec).await?;
+            // The lease before the row: a replica looking for sessions to take over never
+            // sees this one unleased.
             if let Some(c) = &self.inner.cluster {
                 c.redis()
                     .acquire(&rec.id, c.replica(), rec.epoch, c.lease_ms())
                     .await?;
             }
+            self.inner.store.insert_session(&rec).await?;
             Ok::<_, SessionError>(stream)
         }
         .await;

@@ -345,7 +345,8 @@ impl RedisStore {
         })
     }
 
-    /// Takes the lease of a new session for `replica` at `epoch`.
+    /// Takes the lease of a new session for `replica` at `epoch` (before its row is inserted:
+    /// see `SessionManager::create`).
     ///
     /// # Errors
     /// Redis unreachable or failing.
@@ -356,15 +357,13 @@ impl RedisStore {
         epoch: u64,
         lease_ms: u64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
         let _: () = redis::cmd("SET")
             .arg(lease_key(id))
             .arg(holder(replica, epoch))
             .arg("PX")
             .arg(lease_ms)
-            .query_async(&mut conn)
+            .query_async(&mut self.conn())
             .await?;
-        let _: i64 = conn.hset(session_key(id), "owner", replica).await?;
         Ok(())
     }
 

@@ -39,7 +39,13 @@ pub fn serve_command(db: &Path, args: &[&str]) -> Command {
 impl Server {
     /// Starts `voxpoll serve --db <db> <args…>` and waits until it listens.
     pub fn start(db: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(db, args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(db: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = serve_command(db, args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

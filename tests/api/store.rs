@@ -301,3 +301,91 @@ async fn redis_unreachable_is_a_clear_error() {
     assert!(RedisStore::connect(&url).await.is_err());
     assert!(RedisStore::connect("not a url").await.is_err());
 }
+
+/// `rediss://` (TLS, as managed Redis offers it) against `redis-server --tls-port`, with a CA
+/// and a server certificate made by openssl for the test: the real binary connects and serves
+/// when `SSL_CERT_FILE` names the CA (how a managed Redis's own CA is trusted), and refuses to
+/// start without it (the certificate is verified).
+#[tokio::test]
+async fn redis_over_tls_verifies_the_server_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |script: &str| {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(d)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("sh");
+        assert!(ok.success(), "{script}");
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.pem");
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=other-ca -keyout o.key -out other.pem");
+    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout srv.key -out srv.csr");
+    sh("printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf && \
+        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out srv.pem");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string()])
+        .args([
+            "--tls-cert-file",
+            "srv.pem",
+            "--tls-key-file",
+            "srv.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+        ])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("rediss://127.0.0.1:{port}");
+    let args = ["--redis-url", url.as_str()];
+    let untrusted = crate::process::serve_command(&d.join("x.db"), &args)
+        .env("SSL_CERT_FILE", d.join("other.pem")) // another CA
+        .output()
+        .expect("run");
+    assert!(
+        !untrusted.status.success(),
+        "an unverified certificate is refused"
+    );
+    let server = {
+        crate::process::Server::start_with_env(
+            &d.join("y.db"),
+            &args,
+            &[("SSL_CERT_FILE", d.join("ca.pem").to_str().unwrap())],
+        )
+    };
+    let ready = server
+        .http
+        .get(format!("{}/ready", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready over TLS");
+    drop(server);
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
