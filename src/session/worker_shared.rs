@@ -4,7 +4,6 @@
 use super::Worker;
 use crate::session::state::Status;
 use crate::store::redis::RedisStore;
-use std::time::Instant;
 
 /// Chunks taken from the shared chunk log per pull.
 const TAKE_BATCH: u64 = 64;
@@ -44,7 +43,6 @@ impl Worker {
         if taken.complete {
             st.ingest.request_finish();
         }
-        st.last_activity = Instant::now();
         drop(st);
         if full {
             self.s.wake.notify_one(); // more to take once this batch is fed

@@ -98,6 +98,8 @@ pub struct TestApp {
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     dir: Arc<tempfile::TempDir>,
     providers: Vec<Arc<dyn Provider>>,
+    /// The Redis server of a `VOXPOLL_TEST_ENGINE=redis` run.
+    _redis: Option<Arc<crate::store::RedisServer>>,
 }
 
 /// Starts a server with test defaults.
@@ -128,6 +130,14 @@ async fn start(
     providers.push(Arc::new(EchoProvider));
     let db = dir.path().join("voxpoll.db");
     let mut config = Config::loopback(db.clone());
+    // VOXPOLL_TEST_ENGINE=redis: the same tests on the Redis engine replicas share.
+    let redis = if std::env::var("VOXPOLL_TEST_ENGINE").as_deref() == Ok("redis") {
+        let r = crate::store::RedisServer::start().await;
+        config.redis_url = Some(voxpoll::secret::Secret::new(r.url.clone()));
+        Some(Arc::new(r))
+    } else {
+        None
+    };
     tweak(&mut config);
     let shutdown = CancellationToken::new();
     let state =
@@ -144,6 +154,7 @@ async fn start(
         handle: Some(handle),
         dir,
         providers: extra,
+        _redis: redis,
     }
 }
 
