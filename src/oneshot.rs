@@ -56,6 +56,15 @@ pub struct Recognized {
     pub engine: String,
 }
 
+/// What a streamed one-shot recognition reports while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The audio decoded and the provider stream is open: results follow.
+    Started,
+    /// A final sentence's text (non-empty), in order.
+    Final(String),
+}
+
 /// Why a one-shot recognition failed; `crate::error` maps each to its HTTP answer.
 #[derive(Debug, thiserror::Error)]
 pub enum OneShotError {
@@ -125,6 +134,22 @@ impl Recognizer {
         upload: Upload,
         user: Option<String>,
     ) -> Result<Recognized, OneShotError> {
+        self.recognize_with(upload, user, None).await
+    }
+
+    /// [`Recognizer::recognize`], telling `progress` (when given) once the audio decoded and the
+    /// provider stream opened ([`Progress::Started`]), then each final's text as the provider
+    /// delivers it ([`Progress::Final`]): the audio then goes through the provider's stream
+    /// rather than its one-shot API. Used by the OpenAI route's `stream=true`.
+    ///
+    /// # Errors
+    /// See [`OneShotError`].
+    pub async fn recognize_with(
+        &self,
+        upload: Upload,
+        user: Option<String>,
+        progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+    ) -> Result<Recognized, OneShotError> {
         // Taken before any decoding: a flood of uploads cannot queue unbounded work.
         let _slot = self
             .slots
@@ -173,7 +198,18 @@ impl Recognizer {
             });
         }
         let started = std::time::Instant::now();
-        let sentences: Vec<Recognition> = provider.recognize(audio, &stream_opts).await?;
+        let sentences: Vec<Recognition> = match progress {
+            None => provider.recognize(audio, &stream_opts).await?,
+            Some(tx) => {
+                let stream =
+                    provider.open(&stream_opts, tokio_util::sync::CancellationToken::new())?;
+                let _ = tx.send(Progress::Started);
+                crate::provider::recognize_via_stream_with(stream, audio.pcm, |r| {
+                    let _ = tx.send(Progress::Final(r.text.clone()));
+                })
+                .await?
+            }
+        };
         tracing::info!(
             provider = %provider_name,
             duration_ms,

@@ -5,7 +5,12 @@
 //!
 //! Multipart fields: `file` (required), `model`, `language` (ISO-639-1), `prompt` (its terms
 //! become hot words), `response_format` (`json` | `text` | `verbose_json` | `srt` | `vtt`),
-//! `temperature` (accepted, unused). `model` maps to a provider and engine (see [`route_model`]).
+//! `temperature` (accepted, unused), `stream` (`true`: a `text/event-stream` of
+//! `{"type":"transcript.text.delta","delta"}` events as finals arrive, then
+//! `{"type":"transcript.text.done","text"}`, as OpenAI's "Stream transcription" section
+//! defines them; deltas concatenate to the done text; a failure after the stream began is an
+//! `{"type":"error","error":{"code","message"}}` event). `model` maps to a provider and engine
+//! (see [`route_model`]).
 //! Errors keep voxpoll's `{"error": {"code", "message"}}` and add OpenAI's `type` and `param`.
 
 use super::{with_state, AppState};
@@ -53,6 +58,7 @@ struct Fields {
     language: Option<String>,
     prompt: Option<String>,
     response_format: Option<String>,
+    stream: Option<String>,
 }
 
 async fn transcribe(
@@ -92,9 +98,13 @@ async fn transcribe(
         hotword_list: fields.prompt.as_deref().and_then(hotwords_from_prompt),
         ..CreateOptions::default()
     };
+    let joiner = crate::session::sentence_joiner(&opts.engine());
     let upload = super::recognize::parse_upload(&state, opts, Some(&ct), body)
         .await
         .map_err(|e| (e, Some("file")))?;
+    if fields.stream.as_deref() == Some("true") {
+        return streamed(state, upload, user, joiner).await;
+    }
     let r = state
         .recognizer
         .recognize(upload, user)
@@ -106,6 +116,64 @@ async fn transcribe(
             (e, param)
         })?;
     Ok(render(&r, format, fields.language.as_deref()))
+}
+
+/// `stream=true`: errors before the audio decoded and the provider stream opened are answered
+/// as usual; from then on the answer is a `text/event-stream`.
+async fn streamed(
+    state: AppState,
+    upload: crate::oneshot::Upload,
+    user: Option<String>,
+    joiner: &'static str,
+) -> Result<Response, (ApiError, Option<&'static str>)> {
+    use crate::oneshot::Progress;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let recognizer = state.recognizer.clone();
+    let task = tokio::spawn(async move { recognizer.recognize_with(upload, user, Some(tx)).await });
+    if rx.recv().await != Some(Progress::Started) {
+        let e = match task.await {
+            Ok(Err(e)) => ApiError::from(e),
+            _ => ApiError::Internal(anyhow::anyhow!(
+                "the recognition task ended without a result"
+            )),
+        };
+        let param = (e.code() == "invalid_option").then_some("model");
+        return Err((e, param));
+    }
+    let event = |v: serde_json::Value| {
+        Ok::<_, std::convert::Infallible>(warp::sse::Event::default().data(v.to_string()))
+    };
+    let events = futures_util::stream::unfold(Some((rx, task, true)), move |st| async move {
+        let (mut rx, task, first) = st?;
+        match rx.recv().await {
+            Some(Progress::Final(text)) => {
+                let delta = if first {
+                    text
+                } else {
+                    format!("{joiner}{text}")
+                };
+                let ev = event(json!({"type": "transcript.text.delta", "delta": delta}));
+                Some((ev, Some((rx, task, false))))
+            }
+            Some(Progress::Started) => {
+                Some((event(json!({"type": "ping"})), Some((rx, task, first))))
+            }
+            None => {
+                let done = match task.await {
+                    Ok(Ok(r)) => json!({"type": "transcript.text.done", "text": r.text}),
+                    Ok(Err(e)) => {
+                        let e = ApiError::from(e);
+                        json!({"type": "error", "error": {"code": e.code(), "message": e.to_string()}})
+                    }
+                    Err(_) => {
+                        json!({"type": "error", "error": {"code": "internal", "message": "the recognition task failed"}})
+                    }
+                };
+                Some((event(done), None))
+            }
+        }
+    });
+    Ok(warp::sse::reply(events).into_response())
 }
 
 /// Reads the non-file fields of the form.
@@ -126,6 +194,7 @@ async fn read_fields(ct: &str, body: Bytes) -> Result<Fields, ApiError> {
             "language" => &mut f.language,
             "prompt" => &mut f.prompt,
             "response_format" => &mut f.response_format,
+            "stream" => &mut f.stream,
             _ => continue,
         };
         let text = field.text().await.map_err(bad)?;

@@ -245,6 +245,18 @@ pub async fn recognize_via_stream(
     stream: ProviderStream,
     pcm: Vec<i16>,
 ) -> Result<Vec<Recognition>, ProviderError> {
+    recognize_via_stream_with(stream, pcm, |_| {}).await
+}
+
+/// [`recognize_via_stream`], calling `on_final` with each non-empty final as it arrives.
+///
+/// # Errors
+/// As [`recognize_via_stream`].
+pub async fn recognize_via_stream_with(
+    stream: ProviderStream,
+    pcm: Vec<i16>,
+    mut on_final: impl FnMut(&Recognition) + Send,
+) -> Result<Vec<Recognition>, ProviderError> {
     let ProviderStream { input, mut events } = stream;
     let feeder = tokio::spawn(async move {
         for piece in pcm.chunks(3200) {
@@ -265,7 +277,10 @@ pub async fn recognize_via_stream(
     let mut done = false;
     while let Some(ev) = events.recv().await {
         match ev {
-            ProviderEvent::Final(r) if !r.text.is_empty() => finals.push(r),
+            ProviderEvent::Final(r) if !r.text.is_empty() => {
+                on_final(&r);
+                finals.push(r);
+            }
             ProviderEvent::Error {
                 code,
                 provider_code,

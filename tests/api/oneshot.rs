@@ -248,3 +248,51 @@ async fn bad_uploads_get_clear_errors_and_the_server_stays_healthy() {
     let (s, _) = post_raw(&app, "", "audio/wav", fixture("zh/02.wav")).await;
     assert_eq!(s, StatusCode::OK);
 }
+
+/// `POST /v1/audio/transcriptions` with `stream=true`: a `text/event-stream` whose deltas arrive
+/// one per final in order and concatenate to the `done` text; a file that does not decode is
+/// still an ordinary JSON error (the stream only begins once recognition has).
+#[tokio::test]
+async fn openai_streaming_sends_a_delta_per_final_then_done() {
+    let app = spawn_app().await;
+    let post = |file: Vec<u8>| {
+        let form = Form::new()
+            .part("file", Part::bytes(file).file_name("a.wav"))
+            .text("model", "echo")
+            .text("language", "en")
+            .text("stream", "true");
+        app.http
+            .post(format!("{}/v1/audio/transcriptions", app.url))
+            .multipart(form)
+            .send()
+    };
+    let r = post(fixture("zh/01.wav")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let body = r.text().await.unwrap();
+    let events: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|block| block.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).expect("event json"))
+        .collect();
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "transcript.text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    // The echo provider answers each 3200-sample piece with "3200 samples".
+    assert!(deltas.len() > 5, "{body}");
+    assert_eq!(deltas[0], "3200 samples");
+    assert!(deltas[1..].iter().all(|d| d.starts_with(' ')), "{deltas:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "transcript.text.done", "{body}");
+    assert_eq!(done["text"].as_str().unwrap(), deltas.concat());
+
+    let r = post(b"definitely not audio".to_vec()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_audio", "{v}");
+}

@@ -73,6 +73,16 @@ try:
                                              response_format="vtt")
     check("vtt: header and cues", vtt.startswith("WEBVTT\n\n00:00:") and "-->" in vtt, repr(vtt))
 
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=("clip.wav", audio),
+                                                     language="en", stream=True))
+    kinds = [e.type for e in events]
+    deltas = "".join(e.delta for e in events if e.type == "transcript.text.delta")
+    done = [e for e in events if e.type == "transcript.text.done"]
+    check("stream: deltas then done", len(done) == 1 and kinds[-1] == "transcript.text.done"
+          and "transcript.text.delta" in kinds, str(kinds))
+    check("stream: the deltas make the done text, the transcript", done and deltas == done[0].text
+          and words(deltas) == words(REFERENCE), repr(deltas))
+
     try:
         client.audio.transcriptions.create(model="no-such-model", file=("clip.wav", audio))
         check("unknown model: 400", False, "accepted")
