@@ -208,7 +208,9 @@ impl SessionManager {
     /// Tells the session's owner new chunks (or the end of the audio) are stored: directly
     /// when it runs here, else over pub/sub (the owner also looks on every tick).
     async fn wake_owner(&self, c: &Cluster, id: &str) {
-        if let Some(s) = parse_id(id).ok().and_then(|u| self.live(&u)) {
+        let local = parse_id(id).ok().and_then(|u| self.live(&u));
+        // A session this replica lost (fenced) is another replica's: announce it.
+        if let Some(s) = local.filter(|s| !s.fenced.is_cancelled()) {
             s.wake.notify_one();
         } else if let Err(e) = c.redis.publish_wake(id, "chunk").await {
             tracing::warn!(error = %e, "announcing a chunk failed; the owner finds it on its next tick");
