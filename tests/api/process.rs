@@ -187,3 +187,20 @@ pub async fn drain(s: &Server, id: &str, token: &str, mut after: u64) -> Vec<Val
     }
     panic!("session did not end: {out:?}");
 }
+
+/// No event twice, ascending seqs, one final per sentence, a `finished` end; its transcript.
+pub fn check_log(events: &[Value]) -> String {
+    assert_seqs_ascending(events, "ascending, no repeats");
+    let finals: Vec<u64> = events
+        .iter()
+        .filter(|e| e["type"] == "final" && e["text"] != "")
+        .map(|e| e["sentence"].as_u64().unwrap())
+        .collect();
+    let mut unique = finals.clone();
+    unique.dedup();
+    assert_eq!(finals, unique, "one final per sentence: {events:?}");
+    let end = events.last().expect("events");
+    assert_eq!(end["type"], "end", "{events:?}");
+    assert_eq!(end["reason"], "finished", "{end}");
+    end["transcript"].as_str().unwrap().to_string()
+}

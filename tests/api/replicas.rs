@@ -5,7 +5,7 @@
 //! per-user budget are shown through the HTTP API.
 
 use crate::helpers::*;
-use crate::process::{create, serve_command, speech_chunks, Server};
+use crate::process::{check_log, create, serve_command, speech_chunks, Server};
 use crate::store::RedisServer;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -158,23 +158,6 @@ async fn one_instance_transcript() -> String {
         })
         .await
         .clone()
-}
-
-/// No event twice, ascending seqs, one final per sentence, a `finished` end; its transcript.
-fn check_log(events: &[Value]) -> String {
-    assert_seqs_ascending(events, "ascending, no repeats");
-    let finals: Vec<u64> = events
-        .iter()
-        .filter(|e| e["type"] == "final" && e["text"] != "")
-        .map(|e| e["sentence"].as_u64().unwrap())
-        .collect();
-    let mut unique = finals.clone();
-    unique.dedup();
-    assert_eq!(finals, unique, "one final per sentence: {events:?}");
-    let end = events.last().expect("events");
-    assert_eq!(end["type"], "end", "{events:?}");
-    assert_eq!(end["reason"], "finished", "{end}");
-    end["transcript"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
