@@ -164,7 +164,7 @@ impl SessionManager {
         let limits = self.ingest_limits();
         let offer = c.redis.offer_chunk(id, seq, last, &body, limits).await?;
         let (acked, duplicate) = match offer {
-            Offer::New { acked, .. } => (acked, false),
+            Offer::New { acked } => (acked, false),
             Offer::Duplicate { acked } => (acked, true),
             Offer::Conflict => return Err(IngestError::Conflict { seq }.into()),
             Offer::OutOfWindow { expected } => {
@@ -456,13 +456,6 @@ impl SessionManager {
         let Some(rec) = self.inner.store.get_session(id).await? else {
             return Ok(());
         };
-        let last_seq = self
-            .inner
-            .store
-            .events_after(id, 0)
-            .await?
-            .last()
-            .map_or(0, |e| e.seq);
         tracing::info!(session_id = %id, epoch, "taking over a session whose lease lapsed");
         match self.resume(rec.clone(), epoch).await {
             Ok(()) => {
@@ -474,6 +467,8 @@ impl SessionManager {
             }
             Err(why) => {
                 tracing::warn!(session_id = %id, %why, "cannot resume session");
+                let events = self.inner.store.events_after(id, 0).await?;
+                let last_seq = events.last().map_or(0, |e| e.seq);
                 self.fail_orphan(&rec, last_seq, &why).await?;
             }
         }

@@ -75,6 +75,19 @@ impl RedisStore {
         }))
     }
 
+    /// The index member of entry `id` in `user`'s history (`r:<id>` or `s:<id>`), if it is there.
+    async fn member_of(&self, user: Option<&str>, id: &str) -> Result<Option<String>, StoreError> {
+        let key = history_key(user);
+        let mut conn = self.conn();
+        for member in [format!("r:{id}"), format!("s:{id}")] {
+            let score: Option<f64> = conn.zscore(&key, &member).await?;
+            if score.is_some() {
+                return Ok(Some(member));
+            }
+        }
+        Ok(None)
+    }
+
     /// Removes an entry's data and its index members.
     async fn remove_entry(&self, user: Option<&str>, member: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
@@ -167,13 +180,8 @@ impl HistoryStore for RedisStore {
         user: Option<String>,
         id: &str,
     ) -> Result<Option<HistoryItem>, StoreError> {
-        let key = history_key(user.as_deref());
         let mut conn = self.conn();
-        for member in [format!("r:{id}"), format!("s:{id}")] {
-            let score: Option<f64> = conn.zscore(&key, &member).await?;
-            if score.is_none() {
-                continue;
-            }
+        if let Some(member) = self.member_of(user.as_deref(), id).await? {
             let Some(mut item) = self.entry(&member).await? else {
                 return Ok(None);
             };
@@ -196,13 +204,7 @@ impl HistoryStore for RedisStore {
     }
 
     async fn delete_history(&self, user: Option<String>, id: &str) -> Result<Deleted, StoreError> {
-        let key = history_key(user.as_deref());
-        let mut conn = self.conn();
-        for member in [format!("r:{id}"), format!("s:{id}")] {
-            let score: Option<f64> = conn.zscore(&key, &member).await?;
-            if score.is_none() {
-                continue;
-            }
+        if let Some(member) = self.member_of(user.as_deref(), id).await? {
             if let Some(item) = self.entry(&member).await? {
                 if item.status == "open" || item.status == "finishing" {
                     return Ok(Deleted::StillOpen);

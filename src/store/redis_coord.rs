@@ -39,8 +39,6 @@ pub enum Offer {
     New {
         /// Highest contiguous seq stored.
         acked: Option<u64>,
-        /// This chunk ended the audio (the session is `finishing` now).
-        finishing: bool,
     },
     /// Same seq and bytes as before.
     Duplicate {
@@ -143,12 +141,11 @@ if last then endseq = seq finish = true end
 while redis.call('HEXISTS', c, nxt) == 1 do nxt = nxt + 1 end
 redis.call('HSET', s, 'in_next', nxt, 'in_buffered', buffered, 'in_max', maxseq)
 if endseq then redis.call('HSET', s, 'in_end', endseq) end
-local finishing = 0
 if finish then
   redis.call('HSET', s, 'in_finish', '1')
-  if status == 'open' then redis.call('HSET', s, 'status', 'finishing') finishing = 1 end
+  if status == 'open' then redis.call('HSET', s, 'status', 'finishing') end
 end
-return {'new', nxt - 1, finishing}
+return {'new', nxt - 1}
 ",
     )
 });
@@ -276,10 +273,7 @@ impl RedisStore {
             .await?;
         let n = |i: usize| seq_of(r.get(i));
         Ok(match r.first().map(String::as_str) {
-            Some("new") => Offer::New {
-                acked: n(1),
-                finishing: r.get(2).is_some_and(|v| v == "1"),
-            },
+            Some("new") => Offer::New { acked: n(1) },
             Some("dup") => Offer::Duplicate { acked: n(1) },
             Some("conflict") => Offer::Conflict,
             Some("window") => Offer::OutOfWindow {

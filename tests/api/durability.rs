@@ -3,8 +3,7 @@
 //! cursor. The transcript must equal a run without the crash, and no event may be lost or
 //! repeated.
 
-use crate::helpers::*;
-use crate::process::{check_log, create, drain, speech_chunks, Server};
+use crate::process::{check_log, create, drain, one_instance_transcript, speech_chunks, Server};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -14,25 +13,8 @@ async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
     let chunks = speech_chunks();
     let n = chunks.len();
 
-    // Without a crash.
-    let clean = Server::start(&dir.path().join("clean.db"), &[]);
-    let (id, token) = create(&clean).await;
-    for (i, c) in chunks.iter().enumerate() {
-        clean.upload(&id, &token, i, i + 1 == n, c).await;
-    }
-    let events = drain(&clean, &id, &token, 0).await;
-    let clean_transcript = events.last().unwrap()["transcript"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        zh_cer(
-            "今天天气很好，我们去公园散步吧。明天上午九点在会议室开会。",
-            &clean_transcript
-        ) <= 0.2,
-        "{clean_transcript}"
-    );
-    drop(clean);
+    // Without a crash (one run shared with the replica tests).
+    let clean_transcript = one_instance_transcript().await;
 
     // With kill -9 at 6.4 s, inside the second sentence (it runs from 5.1 s to 8.4 s), after
     // the first final was served.

@@ -204,3 +204,33 @@ pub fn check_log(events: &[Value]) -> String {
     assert_eq!(end["reason"], "finished", "{end}");
     end["transcript"].as_str().unwrap().to_string()
 }
+
+/// The transcript of the speech fixture on one instance (SQLite, no Redis), once per run.
+pub async fn one_instance_transcript() -> String {
+    static CLEAN: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    CLEAN
+        .get_or_init(|| async {
+            let dir = tempfile::tempdir().expect("dir");
+            let one = Server::start(&dir.path().join("one.db"), &[]);
+            let chunks = speech_chunks();
+            let (id, token) = create(&one).await;
+            for (i, c) in chunks.iter().enumerate() {
+                one.upload(&id, &token, i, i + 1 == chunks.len(), c).await;
+            }
+            let events = drain(&one, &id, &token, 0).await;
+            let t = events.last().unwrap()["transcript"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                zh_cer(
+                    "今天天气很好，我们去公园散步吧。明天上午九点在会议室开会。",
+                    &t
+                ) <= 0.2,
+                "{t}"
+            );
+            t
+        })
+        .await
+        .clone()
+}

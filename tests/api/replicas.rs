@@ -4,8 +4,9 @@
 //! equal a one-instance run; `kill -9` of the replica running a session, a Redis restart and a
 //! per-user budget are shown through the HTTP API.
 
-use crate::helpers::*;
-use crate::process::{check_log, create, serve_command, speech_chunks, Server};
+use crate::process::{
+    check_log, create, one_instance_transcript, serve_command, speech_chunks, Server,
+};
 use crate::store::RedisServer;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -128,36 +129,6 @@ impl Replicas {
         }
         panic!("session did not end: {out:?}");
     }
-}
-
-/// The transcript of the speech fixture on one instance (SQLite, no Redis), once per run.
-async fn one_instance_transcript() -> String {
-    static CLEAN: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    CLEAN
-        .get_or_init(|| async {
-            let dir = tempfile::tempdir().expect("dir");
-            let one = Server::start(&dir.path().join("one.db"), &[]);
-            let chunks = speech_chunks();
-            let (id, token) = create(&one).await;
-            for (i, c) in chunks.iter().enumerate() {
-                one.upload(&id, &token, i, i + 1 == chunks.len(), c).await;
-            }
-            let events = crate::process::drain(&one, &id, &token, 0).await;
-            let t = events.last().unwrap()["transcript"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            assert!(
-                zh_cer(
-                    "今天天气很好，我们去公园散步吧。明天上午九点在会议室开会。",
-                    &t
-                ) <= 0.2,
-                "{t}"
-            );
-            t
-        })
-        .await
-        .clone()
 }
 
 #[tokio::test]
