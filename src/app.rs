@@ -11,6 +11,7 @@ use crate::provider::Provider;
 use crate::session::{Cluster, SessionLimits, SessionManager};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::Db;
+use crate::store::timed::Timed;
 use crate::store::{HistoryStore, SessionStore};
 use anyhow::Context;
 use std::collections::HashMap;
@@ -56,6 +57,7 @@ pub async fn build_with_providers(
     shutdown: CancellationToken,
 ) -> anyhow::Result<AppState> {
     config.validate()?;
+    crate::metrics::spawn_upkeep();
     let config = Arc::new(config);
     let engine = match engine {
         Some(e) => Ok(e),
@@ -112,7 +114,7 @@ pub async fn build_with_providers(
                     .with_context(|| format!("opening database {}", config.db.display()))?,
             );
             (
-                Arc::clone(&db) as Arc<dyn SessionStore>,
+                Timed::wrap(Arc::clone(&db) as Arc<dyn SessionStore>, "sqlite"),
                 db as Arc<dyn HistoryStore>,
                 None,
             )
@@ -126,7 +128,7 @@ pub async fn build_with_providers(
             let cluster = Cluster::new(redis.clone(), replica, config.lease_ms);
             let redis = Arc::new(redis);
             (
-                Arc::clone(&redis) as Arc<dyn SessionStore>,
+                Timed::wrap(Arc::clone(&redis) as Arc<dyn SessionStore>, "redis"),
                 redis as Arc<dyn HistoryStore>,
                 Some(cluster),
             )

@@ -204,6 +204,11 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<crate::secret::Secret>,
 
+    /// Bearer token `GET /metrics` requires (`Authorization: Bearer <token>`); unset: the
+    /// endpoint is open (keep it off the public network then).
+    #[arg(long, env = "VOXPOLL_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<crate::secret::Secret>,
+
     /// Origins allowed to call from browsers (H5 pages), comma-separated, e.g.
     /// `https://h5.example.com`. Empty: no CORS headers; requests with another `Origin` get 403.
     #[arg(long, env = "VOXPOLL_CORS_ORIGINS", value_delimiter = ',')]
@@ -330,6 +335,7 @@ impl Config {
             jwt_rs256_public_key: None,
             jwt_audience: None,
             api_keys: None,
+            metrics_token: None,
             cors_origins: Vec::new(),
             poll_hold_ms: POLL_HOLD_MS,
             poll_max_hold_ms: POLL_MAX_HOLD_MS,

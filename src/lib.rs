@@ -15,14 +15,15 @@
 //! - [`doctor`]: `voxpoll doctor URL`, probes a deployment and advises settings.
 //! - [`error`]: [`error::ApiError`] and the one mapping of every domain error to HTTP.
 //! - [`http`]: warp routes and thin handlers (sessions, WebSocket, one-shot, history, probes).
+//! - [`metrics`]: Prometheus metrics (names, buckets, route labels) for `GET /metrics`.
 //! - [`oneshot`]: one-shot recognition of a whole upload, recorded in history.
 //! - [`provider`]: the provider trait, the configured providers, the embedded whisper.cpp one.
 //! - [`secret`]: a string whose `Debug` never shows it.
 //! - [`session`]: the session engine (ordering, event log, long-poll, lifecycle, resume).
-//! - [`store`]: persistence behind traits; SQLite today.
+//! - [`store`]: persistence behind traits: SQLite (one instance) or Redis (many replicas).
 //!
 //! Dependencies point one way: `http` → `error` → `session`/`oneshot` → `provider`/`store`/
-//! `audio` → `clock`/`secret`; nothing in `provider` or `store` knows the engine or HTTP.
+//! `audio` → `clock`/`secret`/`metrics`; nothing in `provider` or `store` knows the engine or HTTP.
 
 pub mod app;
 pub mod audio;
@@ -33,6 +34,7 @@ pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod oneshot;
 pub mod provider;
 pub mod secret;

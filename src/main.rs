@@ -11,8 +11,18 @@ use tracing_subscriber::EnvFilter;
     about = "Realtime speech recognition over HTTP long-polling"
 )]
 struct Cli {
+    /// Log line format on stderr: `text` (human) or `json` (one JSON object per line, with the
+    /// session span's id, provider and epoch on every line a session causes).
+    #[arg(long, global = true, env = "VOXPOLL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -26,12 +36,20 @@ enum Command {
     Doctor(voxpoll::doctor::DoctorArgs),
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .init(),
+    }
 }
 
 #[tokio::main]
@@ -39,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
-            init_tracing("voxpoll=info,warp=warn");
+            init_tracing(cli.log_format, "voxpoll=info,warp=warn");
             let addr = config.listen_addr(std::env::var("PORT").ok().as_deref())?;
             let listener = voxpoll::app::bind(addr)?;
             let shutdown = CancellationToken::new();
@@ -48,11 +66,11 @@ async fn main() -> anyhow::Result<()> {
             voxpoll::app::run(listener, state, shutdown).await
         }
         Command::Transcribe(args) => {
-            init_tracing("voxpoll=warn,warp=warn");
+            init_tracing(cli.log_format, "voxpoll=warn,warp=warn");
             voxpoll::client::transcribe(args).await
         }
         Command::Doctor(args) => {
-            init_tracing("voxpoll=warn,warp=warn");
+            init_tracing(cli.log_format, "voxpoll=warn,warp=warn");
             voxpoll::doctor::run(args).await
         }
     }

@@ -63,6 +63,14 @@ pub fn routes(
     };
     tree.recover(crate::error::recover)
         .unify()
+        .with(warp::log::custom(|info| {
+            crate::metrics::observe_http(
+                info.path(),
+                info.method().as_str(),
+                info.status().as_u16(),
+                info.elapsed(),
+            );
+        }))
         .with(warp::trace::request())
 }
 

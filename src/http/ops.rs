@@ -1,12 +1,13 @@
-//! Operations routes (shared/api.md, "Operations"): liveness and readiness.
+//! Operations routes (shared/api.md, "Operations"): liveness, readiness and Prometheus metrics.
 
 use super::{with_state, AppState};
+use crate::error::ApiError;
 use serde_json::json;
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-/// `GET /health` and `GET /ready`.
+/// `GET /health`, `GET /ready` and `GET /metrics`.
 pub(super) fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -17,9 +18,61 @@ pub(super) fn routes(
     // GET /ready: the database is writable and the default provider can take sessions.
     let ready = warp::path!("ready")
         .and(warp::get())
-        .and(with_state(state))
+        .and(with_state(state.clone()))
         .then(ready);
-    health.or(ready).unify()
+    // GET /metrics: Prometheus text exposition (README "Metrics").
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(with_state(state))
+        .map(metrics);
+    health.or(ready).unify().or(metrics).unify()
+}
+
+fn metrics(authorization: Option<String>, state: AppState) -> Response {
+    if let Some(token) = &state.config.metrics_token {
+        let given = authorization
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.expose().as_bytes()).into();
+        if !ok {
+            return ApiError::Unauthorized {
+                code: "invalid_metrics_token",
+                message: "GET /metrics needs Authorization: Bearer <VOXPOLL_METRICS_TOKEN>".into(),
+            }
+            .into_response();
+        }
+    }
+    let Some(handle) = crate::metrics::handle() else {
+        return ApiError::Unavailable {
+            code: "not_ready",
+            message: "the metrics recorder is not installed".into(),
+        }
+        .into_response();
+    };
+    let by_state = state.sessions.counts_by_state();
+    for (name, n) in by_state {
+        metrics::gauge!(crate::metrics::SESSIONS, "state" => name).set(n as f64);
+    }
+    metrics::gauge!(crate::metrics::POLLS_WAITING).set(state.sessions.polls_waiting() as f64);
+    for (name, p) in &state.sessions.providers().by_name {
+        if let Some(depth) = p
+            .readiness()
+            .stats
+            .as_ref()
+            .map(|s| ["queued_finals", "queued_partials"].map(|k| s.get(k).and_then(serde_json::Value::as_f64)))
+            .and_then(|[f, p]| Some(f? + p?))
+        {
+            metrics::gauge!(crate::metrics::DECODE_QUEUE, "provider" => name.clone()).set(depth);
+        }
+    }
+    let mut resp = handle.render().into_response();
+    resp.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 async fn ready(state: AppState) -> Response {

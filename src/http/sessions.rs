@@ -2,7 +2,7 @@
 
 use super::{respond, session_ref, with_state, AppState, BodyLimit, SessionRef};
 use crate::error::ApiError;
-use crate::session::{CreateOptions, UploadReply};
+use crate::session::{CreateOptions, SessionError, UploadAck, UploadReply};
 use bytes::Bytes;
 use serde::Deserialize;
 use std::time::Duration;
@@ -141,17 +141,22 @@ async fn upload_chunk(
             "audio chunks are raw bytes (application/octet-stream), not multipart; use POST /v1/recognize for file uploads".into(),
         ));
     }
-    let ack = state
+    let len = body.len();
+    let result = state
         .sessions
         .upload(&r.id, r.token(), q.seq, last, body)
-        .await?;
+        .await;
+    count_chunk(&result, len);
+    let ack = result?;
     let poll = match q.after {
-        Some(after) => Some(
-            state
+        Some(after) => {
+            let page = state
                 .sessions
                 .poll(&r.id, r.token(), after, Some(Duration::ZERO))
-                .await?,
-        ),
+                .await?;
+            count_delivered("poll", page.events.len());
+            Some(page)
+        }
         None => None,
     };
     Ok(warp::reply::json(&UploadReply { ack, poll }))
@@ -167,7 +172,35 @@ async fn poll_events(
         .sessions
         .poll(&r.id, r.token(), q.after.unwrap_or(0), wait)
         .await?;
+    count_delivered("poll", page.events.len());
     Ok(warp::reply::json(&page))
+}
+
+/// Counts an upload by outcome (`voxpoll_chunks_total`) and a new chunk's bytes.
+fn count_chunk(result: &Result<UploadAck, SessionError>, len: usize) {
+    use crate::session::ingest::IngestError as E;
+    let outcome = match result {
+        Ok(ack) if ack.duplicate => "duplicate",
+        Ok(_) => "accepted",
+        Err(SessionError::Ingest(E::OutOfWindow { .. })) => "out_of_window",
+        Err(SessionError::Ingest(E::Conflict { .. })) => "conflict",
+        Err(SessionError::Ingest(E::AfterLast { .. })) => "after_last",
+        Err(SessionError::Ingest(E::Backpressure { .. })) => "backpressure",
+        Err(SessionError::RateLimited { .. }) => "rate_limited",
+        Err(_) => "refused",
+    };
+    metrics::counter!(crate::metrics::CHUNKS, "outcome" => outcome).increment(1);
+    if outcome == "accepted" {
+        metrics::counter!(crate::metrics::CHUNK_BYTES).increment(len as u64);
+    }
+}
+
+/// Counts events handed to a client (`voxpoll_events_delivered_total`).
+pub(super) fn count_delivered(transport: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!(crate::metrics::EVENTS_DELIVERED, "transport" => transport)
+            .increment(n as u64);
+    }
 }
 
 async fn finish_session(r: SessionRef, state: AppState) -> Result<impl Reply, ApiError> {

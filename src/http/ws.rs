@@ -288,6 +288,7 @@ async fn push_events(
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("type".into(), "events".into());
             }
+            super::sessions::count_delivered("ws", r.events.len());
             if tx.send(text(&v)).await.is_err() {
                 return;
             }

@@ -11,6 +11,7 @@
 //! uploads 429 `backpressure` when full), so one fast uploader cannot fill the shared decode
 //! queue ahead of everybody else.
 
+use tracing::Instrument;
 use super::whisper::{DecodeJob, DecodeKind, WhisperEngine};
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
@@ -170,7 +171,7 @@ impl Provider for EmbeddedProvider {
                 }
             }
             let _ = fwd_tx.send(Msg::Cancel);
-        });
+        }.in_current_span());
 
         let stream = StreamThread {
             engine,
@@ -189,7 +190,10 @@ impl Provider for EmbeddedProvider {
         };
         std::thread::Builder::new()
             .name("asr-stream".into())
-            .spawn(move || stream.run(msg_rx))
+            .spawn({
+                let span = tracing::Span::current();
+                move || span.in_scope(|| stream.run(msg_rx))
+            })
             .map_err(|e| ProviderError::Unavailable(format!("cannot start stream thread: {e}")))?;
         Ok(ProviderStream {
             input: input_tx,

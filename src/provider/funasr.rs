@@ -7,6 +7,7 @@
 //! with `is_final: true` closes the stream (the client closes the socket). In `online` mode the
 //! deltas of the whole stream form one sentence, finalised at the end.
 
+use tracing::Instrument;
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
     StreamOptions,
@@ -166,7 +167,7 @@ impl Provider for FunAsrProvider {
         tokio::spawn(async move {
             let _permit = permit;
             task.run(in_rx, cancel).await;
-        });
+        }.in_current_span());
         Ok(ProviderStream {
             input: in_tx,
             events: ev_rx,

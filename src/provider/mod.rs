@@ -9,6 +9,7 @@
 
 pub mod embedded;
 pub mod funasr;
+pub mod loopback;
 pub mod openai;
 pub mod registry;
 pub mod segmented;

@@ -1,9 +1,10 @@
 //! Named providers from configuration: the providers file (`--providers`, JSON) lists entries
-//! `{"name": "...", "kind": "tencent" | "openai" | "funasr", ...settings}`. Secrets never live in
+//! `{"name": "...", "kind": "tencent" | "openai" | "funasr" | "loopback", ...settings}`. Secrets never live in
 //! the file: Tencent reads `TENCENT_*` variables, OpenAI-compatible servers the variable named by
 //! `api_key_env`. The embedded provider is always present as `embedded`.
 
 use super::funasr::{FunAsrProvider, FunAsrSettings};
+use super::loopback::{LoopbackProvider, LoopbackSettings};
 use super::openai::{OpenAiProvider, OpenAiSettings};
 use super::tencent::{TencentProvider, TencentSettings};
 use super::{Provider, ProviderError};
@@ -33,6 +34,8 @@ pub enum ProviderSpec {
     Openai(OpenAiSettings),
     /// FunASR runtime WebSocket server.
     Funasr(FunAsrSettings),
+    /// The benchmark tool [`LoopbackProvider`]: no recognition, one partial per chunk.
+    Loopback(LoopbackSettings),
 }
 
 /// Reads a providers file: a JSON array of [`ProviderEntry`].
@@ -70,6 +73,7 @@ pub fn build(entry: ProviderEntry) -> anyhow::Result<Arc<dyn Provider>> {
         ProviderSpec::Tencent(s) => Arc::new(TencentProvider::new(&entry.name, s)?),
         ProviderSpec::Openai(s) => Arc::new(OpenAiProvider::new(&entry.name, s)?),
         ProviderSpec::Funasr(s) => Arc::new(FunAsrProvider::new(&entry.name, s)?),
+        ProviderSpec::Loopback(s) => Arc::new(LoopbackProvider::new(&entry.name, s)),
     })
 }
 
@@ -115,11 +119,13 @@ mod tests {
             &p,
             r#"[{"name":"tc","kind":"tencent","max_concurrency":20},
                 {"name":"sp","kind":"openai","base_url":"http://127.0.0.1:8000","stream":true},
-                {"name":"fa","kind":"funasr","url":"ws://127.0.0.1:10095/"}]"#,
+                {"name":"fa","kind":"funasr","url":"ws://127.0.0.1:10095/"},
+                {"name":"lb","kind":"loopback"}]"#,
         )
         .unwrap();
         let e = load_file(&p).unwrap();
-        assert_eq!(e.len(), 3);
+        assert_eq!(e.len(), 4);
+        assert!(matches!(&e[3].spec, ProviderSpec::Loopback(_)));
         assert!(matches!(&e[0].spec, ProviderSpec::Tencent(s) if s.max_concurrency == 20));
         assert!(matches!(&e[1].spec, ProviderSpec::Openai(s) if s.stream));
         std::fs::write(&p, r#"[{"name":"tc","kind":"tencent","secret_key":"x"}]"#).unwrap();

@@ -7,6 +7,7 @@
 //! (webrtc-vad's state is not `Send`), and a recogniser task that sends utterances one at a time
 //! so finals stay in order while audio keeps flowing.
 
+use tracing::Instrument;
 use super::{ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition};
 use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -58,9 +59,11 @@ pub fn open(
         min_voiced_ms: 300,
         partial_interval_ms: 0,
     };
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("vad-segmenter".into())
         .spawn(move || {
+            let _in_span = span.enter();
             let mut seg = Segmenter::new(cfg);
             while let Ok(Some(msg)) = vad_rx.recv() {
                 let (segs, last) = match msg {
@@ -114,7 +117,7 @@ pub fn open(
             }
         }
         let _ = vad_tx.send(None);
-    });
+    }.in_current_span());
 
     tokio::spawn(async move {
         loop {
@@ -187,7 +190,7 @@ pub fn open(
                 None => return,
             }
         }
-    });
+    }.in_current_span());
     Ok(ProviderStream {
         input: in_tx,
         events: ev_rx,

@@ -242,9 +242,19 @@ fn worker_loop(
         let threads = pool.start();
         let result = decode(&mut state, &job.pcm, job.lang, job.kind, threads);
         pool.end();
+        let took = started.elapsed();
+        if !job.pcm.is_empty() {
+            let audio_s = job.pcm.len() as f64 / 16_000.0;
+            let kind = match job.kind {
+                DecodeKind::Partial => "partial",
+                DecodeKind::Final => "final",
+            };
+            metrics::histogram!(crate::metrics::ENGINE_RTF, "kind" => kind)
+                .record(took.as_secs_f64() / audio_s);
+        }
         stats
             .busy_ms
-            .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_millis() as u64, Ordering::Relaxed);
         stats
             .audio_ms
             .fetch_add(job.pcm.len() as u64 / 16, Ordering::Relaxed);

@@ -26,6 +26,7 @@ mod replay;
 mod resume;
 mod state;
 mod stored;
+mod timeline;
 pub mod view;
 mod worker;
 
@@ -171,6 +172,21 @@ impl SessionManager {
             .count()
     }
 
+    /// Sessions on this instance by state: `open`, `finishing`, `ended` (lingering so late polls
+    /// are answered), for the `voxpoll_sessions` gauge.
+    pub fn counts_by_state(&self) -> [(&'static str, usize); 3] {
+        let mut n = [("open", 0), ("finishing", 0), ("ended", 0)];
+        for s in self.sessions().live.values() {
+            let i = match s.lock().status {
+                Status::Open => 0,
+                Status::Finishing => 1,
+                Status::Ended(_) => 2,
+            };
+            n[i].1 += 1;
+        }
+        n
+    }
+
     /// Long-polls held on this instance now (`/ready` reports it).
     pub fn polls_waiting(&self) -> usize {
         self.inner.waiting.load(Ordering::Relaxed)
@@ -288,8 +304,13 @@ impl SessionManager {
                 return Err(SessionError::TooManyForUser { open, max });
             }
         }
+        let span = session_span(&rec.id, provider.name(), rec.epoch);
         let registered = async {
-            let stream = provider.open(&stream_opts, provider_cancel.clone())?;
+            let stream = {
+                // The provider's own tasks log inside the session's span.
+                let _in_span = span.enter();
+                provider.open(&stream_opts, provider_cancel.clone())?
+            };
             // The lease before the row: a replica looking for sessions to take over never
             // sees this one unleased.
             if let Some(c) = &self.inner.cluster {
@@ -302,7 +323,11 @@ impl SessionManager {
         }
         .await;
         let stream = match registered {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
+                metrics::counter!(crate::metrics::PROVIDER_OPENS, "provider" => provider.name().to_string()).increment(1);
+                stream
+            }
             Err(e) => {
                 provider_cancel.cancel();
                 if let (Some(c), Some(user)) = (&self.inner.cluster, rec.user_id.as_deref()) {
@@ -321,9 +346,9 @@ impl SessionManager {
             stream,
             cancel: provider_cancel,
         };
-        self.launch(session, upstream, decoder, None);
+        self.launch(session, upstream, decoder, None, span.clone());
         drop(admission); // registered: the session itself counts now
-        tracing::info!(%session_id, "session created");
+        span.in_scope(|| tracing::info!(%session_id, "session created"));
         Ok(Created {
             session_id,
             session_token: token,
@@ -566,6 +591,7 @@ impl SessionManager {
         upstream: Upstream,
         decoder: Decoder,
         resume: Option<(Vec<i16>, u64, u32)>,
+        span: tracing::Span,
     ) {
         let s = Arc::new(session);
         let id = s.id;
@@ -587,11 +613,16 @@ impl SessionManager {
             worker = worker.resuming(&pcm, from_ms, next_sentence);
         }
         self.sessions().live.insert(id, s);
-        self.inner.tasks.spawn(tracing::Instrument::instrument(
-            worker.run(),
-            tracing::info_span!("session", id = %id),
-        ));
+        self.inner
+            .tasks
+            .spawn(tracing::Instrument::instrument(worker.run(), span));
     }
+}
+
+/// The span every log line a session causes carries (its worker, its provider stream's tasks):
+/// session id, provider name, epoch.
+pub(crate) fn session_span(id: &str, provider: &str, epoch: u64) -> tracing::Span {
+    tracing::info_span!("session", id = %id, provider = %provider, epoch)
 }
 
 /// Chunk 0 of a `wav` session must be a RIFF/WAVE header.

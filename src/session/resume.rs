@@ -147,9 +147,14 @@ impl SessionManager {
             .unwrap_or_default();
 
         let cancel = CancellationToken::new();
-        let stream = provider
-            .open(&stream_opts, cancel.clone())
-            .map_err(|e| e.to_string())?;
+        let span = super::session_span(&rec.id, provider.name(), epoch);
+        let stream = {
+            let _in_span = span.enter();
+            provider.open(&stream_opts, cancel.clone())
+        }
+        .map_err(|e| e.to_string())?;
+        metrics::counter!(crate::metrics::PROVIDER_OPENS, "provider" => provider.name().to_string())
+            .increment(1);
         let state = State::running(
             status,
             ingest,
@@ -167,8 +172,8 @@ impl SessionManager {
             cancel,
         };
         let resume = (replay, from_ms, finals.next_sentence);
-        self.launch(session, upstream, decoder, Some(resume));
-        tracing::info!(%session_id, replay_from_ms = from_ms, "session resumed");
+        self.launch(session, upstream, decoder, Some(resume), span.clone());
+        span.in_scope(|| tracing::info!(%session_id, replay_from_ms = from_ms, "session resumed"));
         Ok(())
     }
 }

@@ -15,6 +15,7 @@ use super::options::SessionLimits;
 use super::replay::Replay;
 use super::state::{Session, Status};
 use super::stored::stored;
+use super::timeline::Timeline;
 use crate::audio::Decoder;
 use crate::provider::{Provider, ProviderEvent, ProviderInput, ProviderStream, StreamOptions};
 use crate::store::{SessionProgress, SessionStore, StoreError};
@@ -91,6 +92,8 @@ pub(super) struct Worker {
     /// The provider dropped its input channel (its events say why).
     input_closed: bool,
     replay: Replay,
+    /// When the current stream was given its audio, to time its results.
+    timeline: Timeline,
     /// Event seqs reserved in the store so far.
     seq_reserved: u64,
     decoder: Decoder,
@@ -114,6 +117,7 @@ impl Worker {
             s,
             replay: Replay::new(up.opts.encoded.is_some()),
             up,
+            timeline: Timeline::default(),
             outbox: VecDeque::new(),
             input_closed: false,
             seq_reserved: 0,
@@ -270,6 +274,9 @@ impl Worker {
             }
             Input::Sendable(Some(permit)) => {
                 if let Some(input) = self.outbox.pop_front() {
+                    if let ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } = &input {
+                        self.timeline.sent(pcm.len());
+                    }
                     permit.send(input);
                 }
             }
@@ -444,7 +451,12 @@ impl Worker {
             }
             let cancel = CancellationToken::new();
             match self.up.provider.open(&opts, cancel.clone()) {
-                Ok(s) => break (s, cancel),
+                Ok(s) => {
+                    let provider = self.up.provider.name().to_string();
+                    metrics::counter!(crate::metrics::PROVIDER_REOPENS, "provider" => provider)
+                        .increment(1);
+                    break (s, cancel);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "reopening the provider stream failed");
                     code = "provider_unavailable".into();
@@ -454,6 +466,7 @@ impl Worker {
         };
         self.up.stream = stream;
         self.up.cancel = cancel;
+        self.timeline.reset();
         self.input_closed = false;
         self.provider_failed = false;
         self.replay.reopened();
@@ -474,6 +487,7 @@ impl Worker {
     }
 
     async fn on_event(&mut self, ev: ProviderEvent) {
+        self.observe(&ev);
         match ev {
             ProviderEvent::Partial(r) => {
                 let r = self.replay.map(r);
@@ -519,6 +533,26 @@ impl Worker {
                     EndReason::Finished
                 });
             }
+        }
+    }
+
+    /// Records a provider event in the metrics: result latency, errors by code.
+    fn observe(&mut self, ev: &ProviderEvent) {
+        let provider = self.up.provider.name().to_string();
+        match ev {
+            ProviderEvent::Partial(r) | ProviderEvent::Final(r) => {
+                let is_final = matches!(ev, ProviderEvent::Final(_));
+                if let Some(d) = self.timeline.latency(r.end_ms, is_final) {
+                    let kind = if is_final { "final" } else { "partial" };
+                    metrics::histogram!(crate::metrics::PROVIDER_RESULT_LATENCY, "provider" => provider, "kind" => kind)
+                        .record(d.as_secs_f64());
+                }
+            }
+            ProviderEvent::Error { code, .. } => {
+                metrics::counter!(crate::metrics::PROVIDER_ERRORS, "provider" => provider, "code" => code.clone())
+                    .increment(1);
+            }
+            ProviderEvent::Warning { .. } | ProviderEvent::Done => {}
         }
     }
 
@@ -621,6 +655,7 @@ impl Worker {
             tracing::error!(error = %e, cause = ?e, "recording the end of a session failed");
         }
         self.s.publish(end.seq);
+        metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.status()).increment(1);
         tracing::info!(
             reason = reason.status(),
             audio_ms = progress.audio_ms,

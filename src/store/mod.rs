@@ -6,6 +6,7 @@ mod history_sqlite;
 pub mod redis;
 pub mod redis_coord;
 pub mod sqlite;
+pub mod timed;
 
 use serde::{Deserialize, Serialize};
 

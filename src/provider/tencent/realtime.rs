@@ -13,6 +13,7 @@
 //! duration the same way. Silence cannot be bridged in a compressed stream, so a pass-through
 //! session that stalls longer than Tencent's 15 s gets its 4008.
 
+use tracing::Instrument;
 use super::sign::realtime_url;
 use super::{realtime_error_code, TencentCredentials, TencentSettings};
 use crate::audio::RateConverter;
@@ -253,7 +254,7 @@ pub(super) fn open(
     tokio::spawn(async move {
         let _permit = permit;
         stream.run(in_rx, cancel).await;
-    });
+    }.in_current_span());
     Ok(ProviderStream {
         input: in_tx,
         events: ev_rx,
