@@ -66,6 +66,13 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_MAX_CHUNKS_PER_S", default_value_t = defaults::MAX_CHUNKS_PER_S)]
     pub max_chunks_per_s: u32,
 
+    /// Whether an upload is answered only once its chunk is committed to the store (`true`,
+    /// the default: an acknowledged chunk survives a crash). `false` answers once the chunk is
+    /// in memory and writes it behind (a crash can lose the last acknowledged chunks; the
+    /// benchmark compares both).
+    #[arg(long, env = "VOXPOLL_DURABLE_ACKS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub durable_acks: bool,
+
     /// Chunk uploads a client should keep in flight at once (advertised; wx allows 10 requests).
     #[arg(long, env = "VOXPOLL_MAX_INFLIGHT", default_value_t = defaults::MAX_INFLIGHT)]
     pub max_inflight: u32,
@@ -336,6 +343,7 @@ impl Config {
             jwt_audience: None,
             api_keys: None,
             metrics_token: None,
+            durable_acks: true,
             cors_origins: Vec::new(),
             poll_hold_ms: POLL_HOLD_MS,
             poll_max_hold_ms: POLL_MAX_HOLD_MS,

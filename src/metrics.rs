@@ -16,7 +16,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Upper bounds of the real-time factor buckets (decode time ÷ audio time).
-const RTF_BUCKETS: &[f64] = &[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0];
+const RTF_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0,
+];
 
 /// HTTP request handling time by route, method and status.
 pub const HTTP_DURATION: &str = "voxpoll_http_request_duration_seconds";
@@ -60,8 +62,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             let built = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ENGINE_RTF.into()), RTF_BUCKETS))
-                .and_then(|b| Ok(b.install_recorder()?));
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(ENGINE_RTF.into()), RTF_BUCKETS)
+                })
+                .and_then(PrometheusBuilder::install_recorder);
             match built {
                 Ok(h) => {
                     describe();
@@ -95,7 +99,11 @@ pub fn spawn_upkeep() {
 }
 
 fn describe() {
-    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request handling time by route, method and status (a long-poll includes its hold)");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request handling time by route, method and status (a long-poll includes its hold)"
+    );
     describe_counter!(HTTP_RESPONSES, "HTTP responses by route, method and status");
     describe_gauge!(SESSIONS, "Sessions on this instance by state");
     describe_counter!(SESSIONS_CREATED, "Sessions created on this instance");
@@ -105,12 +113,26 @@ fn describe() {
     describe_counter!(CHUNKS, "Audio chunk uploads by outcome");
     describe_counter!(CHUNK_BYTES, Unit::Bytes, "Bytes of new audio chunks");
     describe_counter!(PROVIDER_OPENS, "Provider streams opened, by provider");
-    describe_counter!(PROVIDER_REOPENS, "Provider streams reopened after a fault, by provider");
+    describe_counter!(
+        PROVIDER_REOPENS,
+        "Provider streams reopened after a fault, by provider"
+    );
     describe_counter!(PROVIDER_ERRORS, "Provider errors by provider and code");
-    describe_histogram!(PROVIDER_RESULT_LATENCY, Unit::Seconds, "Audio given to the provider -> result for that audio, by provider and kind");
+    describe_histogram!(
+        PROVIDER_RESULT_LATENCY,
+        Unit::Seconds,
+        "Audio given to the provider -> result for that audio, by provider and kind"
+    );
     describe_gauge!(DECODE_QUEUE, "Embedded engine decodes waiting for a worker");
-    describe_histogram!(ENGINE_RTF, "Embedded engine real-time factor per decode, by kind");
-    describe_histogram!(STORE_COMMIT, Unit::Seconds, "Store write commit time, by engine");
+    describe_histogram!(
+        ENGINE_RTF,
+        "Embedded engine real-time factor per decode, by kind"
+    );
+    describe_histogram!(
+        STORE_COMMIT,
+        Unit::Seconds,
+        "Store write commit time, by engine"
+    );
 }
 
 /// The route template of a request path, for labels (ids are replaced, so the label set stays
@@ -159,8 +181,14 @@ mod tests {
 
     #[test]
     fn routes_are_templates_whatever_the_ids() {
-        assert_eq!(route_of("/v1/sessions/abc/audio"), "/v1/sessions/{id}/audio");
-        assert_eq!(route_of("/v1/sessions/x/events/"), "/v1/sessions/{id}/events");
+        assert_eq!(
+            route_of("/v1/sessions/abc/audio"),
+            "/v1/sessions/{id}/audio"
+        );
+        assert_eq!(
+            route_of("/v1/sessions/x/events/"),
+            "/v1/sessions/{id}/events"
+        );
         assert_eq!(route_of("/v1/sessions"), "/v1/sessions");
         assert_eq!(route_of("/"), "/");
         assert_eq!(route_of("/v1/sessions/a/b/c/d"), "other");

@@ -100,7 +100,8 @@ pub enum OneShotError {
 /// limits.
 #[derive(Clone)]
 pub struct Recognizer {
-    providers: Providers,
+    /// Shared, not copied: the state is cloned for every request.
+    providers: Arc<Providers>,
     history: Arc<dyn HistoryStore>,
     max_audio_ms: u64,
     max_concurrent: usize,
@@ -117,7 +118,7 @@ impl Recognizer {
         max_concurrent: usize,
     ) -> Self {
         Self {
-            providers,
+            providers: Arc::new(providers),
             history,
             max_audio_ms,
             max_concurrent,

@@ -35,7 +35,8 @@ fn metrics(authorization: Option<String>, state: AppState) -> Response {
             .as_deref()
             .and_then(|h| h.strip_prefix("Bearer "))
             .unwrap_or_default();
-        let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.expose().as_bytes()).into();
+        let ok: bool =
+            subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.expose().as_bytes()).into();
         if !ok {
             return ApiError::Unauthorized {
                 code: "invalid_metrics_token",
@@ -61,7 +62,10 @@ fn metrics(authorization: Option<String>, state: AppState) -> Response {
             .readiness()
             .stats
             .as_ref()
-            .map(|s| ["queued_finals", "queued_partials"].map(|k| s.get(k).and_then(serde_json::Value::as_f64)))
+            .map(|s| {
+                ["queued_finals", "queued_partials"]
+                    .map(|k| s.get(k).and_then(serde_json::Value::as_f64))
+            })
             .and_then(|[f, p]| Some(f? + p?))
         {
             metrics::gauge!(crate::metrics::DECODE_QUEUE, "provider" => name.clone()).set(depth);

@@ -11,7 +11,6 @@
 //! uploads 429 `backpressure` when full), so one fast uploader cannot fill the shared decode
 //! queue ahead of everybody else.
 
-use tracing::Instrument;
 use super::whisper::{DecodeJob, DecodeKind, WhisperEngine};
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
@@ -23,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Finals one stream may have submitted and not yet emitted; audio past them waits.
 pub const MAX_PENDING_FINALS: usize = 2;
@@ -145,56 +145,79 @@ impl Provider for EmbeddedProvider {
         // given back when it is emitted.
         let credits = Arc::new(Semaphore::new(MAX_PENDING_FINALS));
 
-        // Forward the async input channel (bounded: backpressure to the session) to the thread,
-        // one message at a time, and only while the stream has a final to spare: the segmenter
-        // may cut a final from any audio message.
-        let fwd_tx = msg_tx.clone();
-        let fwd_credits = Arc::clone(&credits);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => break,
-                    spare = fwd_credits.acquire() => {
-                        // Closed only when the thread is gone.
-                        let Ok(spare) = spare else { return };
-                        drop(spare);
-                    }
-                }
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => break,
-                    m = input_rx.recv() => match m {
-                        Some(m) => if fwd_tx.send(Msg::Input(m)).is_err() { return },
-                        None => break,
-                    },
-                }
-            }
-            let _ = fwd_tx.send(Msg::Cancel);
-        }.in_current_span());
-
         let stream = StreamThread {
             engine,
             lang,
             cfg,
-            events: events_tx,
-            self_tx: msg_tx,
+            events: events_tx.clone(),
+            self_tx: msg_tx.clone(),
             alive,
             pending_finals: BTreeMap::new(),
             partial_in_flight: false,
             partial_stale: Arc::new(AtomicBool::new(false)),
             open_utterance: 0,
             finishing: false,
-            credits,
+            credits: Arc::clone(&credits),
             overdrawn: 0,
         };
-        std::thread::Builder::new()
-            .name("asr-stream".into())
-            .spawn({
-                let span = tracing::Span::current();
-                move || span.in_scope(|| stream.run(msg_rx))
-            })
-            .map_err(|e| ProviderError::Unavailable(format!("cannot start stream thread: {e}")))?;
+        // The stream's thread starts with its first input: an open session that sends nothing
+        // costs no thread (10,000 idle sessions are 10,000 stacks otherwise).
+        // Until then the forwarder holds a sender of the events, to report a failed start;
+        // after it only the thread does, so the channel closes when the thread is gone.
+        let mut idle = Some((stream, msg_rx, events_tx));
+        let mut start = move || -> Result<(), (String, mpsc::Sender<ProviderEvent>)> {
+            let Some((stream, msg_rx, events_tx)) = idle.take() else {
+                return Ok(());
+            };
+            let span = tracing::Span::current();
+            std::thread::Builder::new()
+                .name("asr-stream".into())
+                .spawn(move || span.in_scope(|| stream.run(msg_rx)))
+                .map(drop)
+                .map_err(|e| (format!("cannot start stream thread: {e}"), events_tx))
+        };
+
+        // Forward the async input channel (bounded: backpressure to the session) to the thread,
+        // one message at a time, and only while the stream has a final to spare: the segmenter
+        // may cut a final from any audio message.
+        let fwd_tx = msg_tx;
+        let fwd_credits = credits;
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break,
+                        spare = fwd_credits.acquire() => {
+                            // Closed only when the thread is gone.
+                            let Ok(spare) = spare else { return };
+                            drop(spare);
+                        }
+                    }
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break,
+                        m = input_rx.recv() => match m {
+                            Some(m) => {
+                                if let Err((message, events_tx)) = start() {
+                                    let _ = events_tx.send(ProviderEvent::Error {
+                                        code: "provider_unavailable".into(),
+                                        provider_code: None,
+                                        message,
+                                    }).await;
+                                    let _ = events_tx.send(ProviderEvent::Done).await;
+                                    return;
+                                }
+                                if fwd_tx.send(Msg::Input(m)).is_err() { return }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                let _ = fwd_tx.send(Msg::Cancel);
+            }
+            .in_current_span(),
+        );
         Ok(ProviderStream {
             input: input_tx,
             events: events_rx,

@@ -7,7 +7,6 @@
 //! with `is_final: true` closes the stream (the client closes the socket). In `online` mode the
 //! deltas of the whole stream form one sentence, finalised at the end.
 
-use tracing::Instrument;
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
     StreamOptions,
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Settings of a FunASR provider (`"kind": "funasr"` in the providers file).
 #[derive(Debug, Clone, Deserialize)]
@@ -164,10 +164,13 @@ impl Provider for FunAsrProvider {
             sentence_start_ms: None,
             sent_samples: 0,
         };
-        tokio::spawn(async move {
-            let _permit = permit;
-            task.run(in_rx, cancel).await;
-        }.in_current_span());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                task.run(in_rx, cancel).await;
+            }
+            .in_current_span(),
+        );
         Ok(ProviderStream {
             input: in_tx,
             events: ev_rx,

@@ -7,12 +7,12 @@
 //! (webrtc-vad's state is not `Send`), and a recogniser task that sends utterances one at a time
 //! so finals stay in order while audio keeps flowing.
 
-use tracing::Instrument;
 use super::{ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition};
 use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
 use std::sync::{mpsc as std_mpsc, Arc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Recognises one utterance (16 kHz mono s16) with one request.
 #[async_trait::async_trait]
@@ -100,97 +100,103 @@ pub fn open(
         .map_err(|e| ProviderError::Unavailable(format!("cannot start VAD thread: {e}")))?;
 
     let fwd_cancel = cancel.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                () = fwd_cancel.cancelled() => break,
-                m = in_rx.recv() => match m {
-                    Some(m) => {
-                        let last = matches!(m, ProviderInput::Finish);
-                        if vad_tx.send(Some(m)).is_err() || last {
-                            return;
-                        }
-                    }
-                    None => break,
-                },
-            }
-        }
-        let _ = vad_tx.send(None);
-    }.in_current_span());
-
-    tokio::spawn(async move {
-        loop {
-            let cut = tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                c = cut_rx.recv() => c,
-            };
-            match cut {
-                Some(Cut::Utterance {
-                    index,
-                    pcm,
-                    start_ms,
-                    end_ms,
-                }) => {
-                    let tx = ev_tx.clone();
-                    let on_delta = move |text: String| {
-                        if partials && !text.is_empty() {
-                            let _ = tx.try_send(ProviderEvent::Partial(Recognition {
-                                sentence: index,
-                                text,
-                                start_ms,
-                                end_ms,
-                                words: None,
-                            }));
-                        }
-                    };
-                    let result = tokio::select! {
-                        () = cancel.cancelled() => return,
-                        r = rec.recognize_utterance(pcm, &on_delta) => r,
-                    };
-                    match result {
-                        Ok(text) => {
-                            let fin = ProviderEvent::Final(Recognition {
-                                sentence: index,
-                                text,
-                                start_ms,
-                                end_ms,
-                                words: None,
-                            });
-                            if ev_tx.send(fin).await.is_err() {
+    tokio::spawn(
+        async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = fwd_cancel.cancelled() => break,
+                    m = in_rx.recv() => match m {
+                        Some(m) => {
+                            let last = matches!(m, ProviderInput::Finish);
+                            if vad_tx.send(Some(m)).is_err() || last {
                                 return;
                             }
                         }
-                        Err(e) => {
-                            let (code, provider_code, message) = match e {
-                                ProviderError::Upstream {
-                                    code,
-                                    provider_code,
-                                    message,
-                                } => (code, provider_code, message),
-                                other => ("provider_error".into(), None, other.to_string()),
-                            };
-                            let _ = ev_tx
-                                .send(ProviderEvent::Error {
-                                    code,
-                                    provider_code,
-                                    message,
-                                })
-                                .await;
-                            let _ = ev_tx.send(ProviderEvent::Done).await;
-                            return;
+                        None => break,
+                    },
+                }
+            }
+            let _ = vad_tx.send(None);
+        }
+        .in_current_span(),
+    );
+
+    tokio::spawn(
+        async move {
+            loop {
+                let cut = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    c = cut_rx.recv() => c,
+                };
+                match cut {
+                    Some(Cut::Utterance {
+                        index,
+                        pcm,
+                        start_ms,
+                        end_ms,
+                    }) => {
+                        let tx = ev_tx.clone();
+                        let on_delta = move |text: String| {
+                            if partials && !text.is_empty() {
+                                let _ = tx.try_send(ProviderEvent::Partial(Recognition {
+                                    sentence: index,
+                                    text,
+                                    start_ms,
+                                    end_ms,
+                                    words: None,
+                                }));
+                            }
+                        };
+                        let result = tokio::select! {
+                            () = cancel.cancelled() => return,
+                            r = rec.recognize_utterance(pcm, &on_delta) => r,
+                        };
+                        match result {
+                            Ok(text) => {
+                                let fin = ProviderEvent::Final(Recognition {
+                                    sentence: index,
+                                    text,
+                                    start_ms,
+                                    end_ms,
+                                    words: None,
+                                });
+                                if ev_tx.send(fin).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let (code, provider_code, message) = match e {
+                                    ProviderError::Upstream {
+                                        code,
+                                        provider_code,
+                                        message,
+                                    } => (code, provider_code, message),
+                                    other => ("provider_error".into(), None, other.to_string()),
+                                };
+                                let _ = ev_tx
+                                    .send(ProviderEvent::Error {
+                                        code,
+                                        provider_code,
+                                        message,
+                                    })
+                                    .await;
+                                let _ = ev_tx.send(ProviderEvent::Done).await;
+                                return;
+                            }
                         }
                     }
+                    Some(Cut::Flushed) => {
+                        let _ = ev_tx.send(ProviderEvent::Done).await;
+                        return;
+                    }
+                    None => return,
                 }
-                Some(Cut::Flushed) => {
-                    let _ = ev_tx.send(ProviderEvent::Done).await;
-                    return;
-                }
-                None => return,
             }
         }
-    }.in_current_span());
+        .in_current_span(),
+    );
     Ok(ProviderStream {
         input: in_tx,
         events: ev_rx,

@@ -1,4 +1,5 @@
-//! Durable acknowledgement of chunks: an upload is answered only after its chunk is in SQLite.
+//! Durable acknowledgement of chunks: an upload is answered only after its chunk is in SQLite
+//! (unless `--durable-acks false`, which writes behind).
 //! One writer task commits every chunk waiting at that moment in a single transaction (group
 //! commit), so concurrent uploads share one commit instead of queueing for one each; while a
 //! commit runs, the next batch gathers. The chunks let a restarted process resume the session
@@ -49,6 +50,19 @@ impl ChunkWriter {
             }
         });
         Self { tx }
+    }
+
+    /// Queues one chunk for the next commit without waiting for it (`--durable-acks false`);
+    /// waits only for room in the queue. A failed commit is logged by the writer.
+    ///
+    /// # Errors
+    /// The writer stopped.
+    pub async fn write_behind(&self, rec: ChunkRecord) -> Result<(), StoreError> {
+        let (done, _ignored) = oneshot::channel();
+        self.tx
+            .send(Pending { rec, done })
+            .await
+            .map_err(|_| StoreError::Pool("chunk writer stopped".into()))
     }
 
     /// Writes one chunk; returns once it is committed (with whatever else was waiting).

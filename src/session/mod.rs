@@ -432,7 +432,11 @@ impl SessionManager {
                 last,
                 data: body.to_vec(),
             };
-            self.inner.writer.write(rec).await?;
+            if self.inner.limits.durable_acks {
+                self.inner.writer.write(rec).await?;
+            } else {
+                self.inner.writer.write_behind(rec).await?;
+            }
             s.lock().committed.insert(seq);
         }
         if finishing {

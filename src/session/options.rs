@@ -193,6 +193,8 @@ pub struct SessionLimits {
     pub chunk_bytes: usize,
     /// Chunk uploads per second per session (bursts of twice that).
     pub max_chunks_per_s: u32,
+    /// Uploads are answered after their chunk is committed (`--durable-acks`).
+    pub durable_acks: bool,
     /// Uploads a client should keep in flight (advertised).
     pub max_inflight: u32,
     /// Reorder window, chunks.
@@ -227,6 +229,7 @@ impl From<&Config> for SessionLimits {
             max_chunk_bytes: c.max_chunk_bytes,
             chunk_bytes: c.chunk_bytes,
             max_chunks_per_s: c.max_chunks_per_s,
+            durable_acks: c.durable_acks,
             max_inflight: c.max_inflight,
             reorder_window: c.reorder_window,
             max_buffered_bytes: c.max_buffered_bytes,

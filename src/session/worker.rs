@@ -4,7 +4,8 @@
 //! are answered from memory, and calls its exit callback.
 //!
 //! One loop, no re-entry: [`Worker::next_input`] waits for whichever comes first (cancel,
-//! shutdown, a provider event, room in the provider's input channel, new chunks, the tick) and
+//! shutdown, a provider event, room in the provider's input channel, new chunks, the next
+//! deadline) and
 //! [`Worker::step`] handles it. Audio for the provider waits in an outbox that is sent from only
 //! as the provider takes it, so provider events are always drained while sending. New chunks are
 //! taken from the ingest buffer only once the outbox is empty, so its byte limit stays the
@@ -31,8 +32,10 @@ const SEQ_BLOCK: u64 = 64;
 /// Longest wait for the provider's last results after the audio ended.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How often limits and deadlines are checked.
-const TICK: Duration = Duration::from_millis(250);
+/// How often a shared (Redis) session looks for chunks in the shared log itself, in case an
+/// announcement was missed. One-instance sessions have no periodic timer: an idle session
+/// sleeps until its next deadline.
+const SHARED_POLL: Duration = Duration::from_millis(250);
 
 /// Grace for the provider's last results after an idle timeout.
 const IDLE_GRACE: Duration = Duration::from_secs(10);
@@ -79,7 +82,7 @@ pub(super) enum Input {
     Sendable(Option<OwnedPermit<ProviderInput>>),
     /// Chunks became ready or the end of the audio was requested.
     Wake,
-    /// Time to check limits and deadlines.
+    /// A deadline came (idle limit, wind-down, finish) or a shared session's look at its log.
     Tick,
 }
 
@@ -107,7 +110,6 @@ pub(super) struct Worker {
     shutdown_seen: bool,
     provider_failed: bool,
     outcome: Option<EndReason>,
-    tick: tokio::time::Interval,
 }
 
 impl Worker {
@@ -128,7 +130,6 @@ impl Worker {
             shutdown_seen: false,
             provider_failed: false,
             outcome: None,
-            tick: tokio::time::interval(TICK),
         }
     }
 
@@ -225,6 +226,7 @@ impl Worker {
         let tx = self.up.stream.input.clone();
         let can_send = !self.outbox.is_empty() && !self.input_closed;
         let can_feed = self.outbox.is_empty() && !self.input_done && self.wind_down.is_none();
+        let deadline = self.next_deadline();
         tokio::select! {
             biased;
             () = cancel.cancelled() => Input::Cancelled,
@@ -233,8 +235,30 @@ impl Worker {
             ev = self.up.stream.events.recv() => Input::Provider(ev),
             p = tx.reserve_owned(), if can_send => Input::Sendable(p.ok()),
             () = self.s.wake.notified(), if can_feed => Input::Wake,
-            _ = self.tick.tick() => Input::Tick,
+            () = tokio::time::sleep_until(deadline) => Input::Tick,
         }
+    }
+
+    /// The earliest time something must be checked without a new input: the idle limit
+    /// (while audio may still come), the wind-down and finish deadlines, and for a shared
+    /// session its look at the shared log.
+    fn next_deadline(&self) -> tokio::time::Instant {
+        let mut at = Instant::now() + FINISH_TIMEOUT;
+        if self.wind_down.is_none() && !self.input_done {
+            let idle = Duration::from_millis(self.ctx.limits.session_idle_ms);
+            // A little past the limit, so the check finds it exceeded.
+            at = at.min(self.s.lock().last_activity + idle + Duration::from_millis(1));
+        }
+        if let Some((_, d)) = self.wind_down {
+            at = at.min(d);
+        }
+        if let Some(d) = self.finish_deadline {
+            at = at.min(d);
+        }
+        if self.ctx.shared.is_some() {
+            at = at.min(Instant::now() + SHARED_POLL);
+        }
+        at.into()
     }
 
     /// Handles one input; returns the reason when the session must end now.

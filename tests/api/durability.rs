@@ -98,3 +98,33 @@ async fn finish_survives_a_kill_9_right_after_it_is_answered() {
         assert_eq!(end["reason"], "finished", "via_last={via_last}: {events:?}");
     }
 }
+
+/// `--durable-acks false` answers before the commit but still writes every chunk behind, so a
+/// restart can resume from them (the window a crash can lose is the last commit).
+#[tokio::test]
+async fn acks_that_are_not_durable_still_write_every_chunk_behind() {
+    let app = crate::helpers::spawn_app_with(|c| c.durable_acks = false).await;
+    let s = app.create(serde_json::json!({"provider": "echo"})).await;
+    for seq in 0..3 {
+        let (status, body) = app.upload(&s, &format!("seq={seq}"), vec![0u8; 640]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["acked_seq"], seq);
+    }
+    let db = app.db_path();
+    let mut stored = 0;
+    for _ in 0..100 {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        stored = c
+            .query_row(
+                "SELECT COUNT(*) FROM session_chunks WHERE session_id = ?1",
+                [&s.id],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap();
+        if stored == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored, 3, "every acknowledged chunk reaches the store");
+}

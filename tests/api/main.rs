@@ -10,6 +10,7 @@ mod helpers;
 mod history;
 mod hostile;
 mod lifecycle;
+mod observability;
 mod oneshot;
 mod process;
 mod protocol;

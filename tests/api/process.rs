@@ -14,6 +14,8 @@ pub struct Server {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     pub http: reqwest::Client,
+    /// Every stderr line so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// The `voxpoll serve` command on loopback port 0 with `db` and `args`.
@@ -53,14 +55,25 @@ impl Server {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         let verbose = std::env::var_os("VOXPOLL_TEST_LOG").is_some();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&lines);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if verbose {
                     eprintln!("[server] {line}");
                 }
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                // `listening addr=…` as text, `"addr":"…"` as JSON.
+                let addr = match line.split("addr=").nth(1) {
+                    Some(a) => a.split_whitespace().next(),
+                    None => line
+                        .split("\"addr\":\"")
+                        .nth(1)
+                        .and_then(|a| a.split('"').next()),
+                };
+                if let Some(addr) = addr.filter(|_| line.contains("listening")) {
+                    let _ = tx.send(addr.to_string());
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         let addr = rx
@@ -70,7 +83,13 @@ impl Server {
             child,
             url: format!("http://{addr}"),
             http: reqwest::Client::new(),
+            lines,
         }
+    }
+
+    /// The stderr lines logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
     }
 
     /// SIGTERM, as an orchestrator scaling in does; waits for the exit.

@@ -13,7 +13,6 @@
 //! duration the same way. Silence cannot be bridged in a compressed stream, so a pass-through
 //! session that stalls longer than Tencent's 15 s gets its 4008.
 
-use tracing::Instrument;
 use super::sign::realtime_url;
 use super::{realtime_error_code, TencentCredentials, TencentSettings};
 use crate::audio::RateConverter;
@@ -29,6 +28,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Sample rate a Tencent engine takes: `8k_*` → 8000 Hz, `16k_*` → 16000 Hz.
 ///
@@ -251,10 +251,13 @@ pub(super) fn open(
         starved_since: None,
         credit: 0.0,
     };
-    tokio::spawn(async move {
-        let _permit = permit;
-        stream.run(in_rx, cancel).await;
-    }.in_current_span());
+    tokio::spawn(
+        async move {
+            let _permit = permit;
+            stream.run(in_rx, cancel).await;
+        }
+        .in_current_span(),
+    );
     Ok(ProviderStream {
         input: in_tx,
         events: ev_rx,
