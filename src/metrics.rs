@@ -145,6 +145,7 @@ pub fn route_of(path: &str) -> &'static str {
         ["ready"] => "/ready",
         ["metrics"] => "/metrics",
         ["openapi.yaml"] => "/openapi.yaml",
+        ["ui", _] => "/ui/{file}",
         ["v1", "sessions"] => "/v1/sessions",
         ["v1", "sessions", _] => "/v1/sessions/{id}",
         ["v1", "sessions", _, "audio"] => "/v1/sessions/{id}/audio",

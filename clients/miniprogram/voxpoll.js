@@ -685,4 +685,7 @@ function createClient (options) {
   return new VoxpollClient(options)
 }
 
-module.exports = { createClient: createClient, VoxpollClient: VoxpollClient, Session: Session, ClientError: ClientError, DEFAULTS: DEFAULTS }
+var api = { createClient: createClient, VoxpollClient: VoxpollClient, Session: Session, ClientError: ClientError, DEFAULTS: DEFAULTS }
+/* global window */
+if (typeof module !== 'undefined' && module.exports) module.exports = api
+else if (typeof window !== 'undefined') window.voxpoll = api // a <script> tag (the demo page)

@@ -9,6 +9,7 @@ mod probe;
 mod recognize;
 pub mod server;
 mod sessions;
+mod ui;
 mod ws;
 
 use crate::config::Config;
@@ -89,6 +90,8 @@ fn api(
         .or(openai::routes(state.clone()))
         .unify()
         .or(history::routes(state))
+        .unify()
+        .or(ui::routes())
         .unify()
 }
 

@@ -517,3 +517,37 @@ async fn ready_is_503_without_a_model() {
     shutdown.cancel();
     h.await.unwrap().unwrap();
 }
+
+/// The demo page and its scripts come from the binary; `voxpoll.js` is the mini-program
+/// client byte for byte (one protocol implementation), and unknown files are JSON 404s.
+#[tokio::test]
+async fn the_demo_page_and_its_scripts_are_served_from_the_binary() {
+    let app = spawn_app().await;
+    let get = |path: &'static str| {
+        let (http, url) = (app.http.clone(), app.url.clone());
+        async move {
+            let r = http.get(format!("{url}{path}")).send().await.unwrap();
+            let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+            (r.status(), ct, r.text().await.unwrap())
+        }
+    };
+    let (status, ct, page) = get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ct.starts_with("text/html"), "{ct}");
+    for script in ["/ui/voxpoll.js", "/ui/wx-browser.js", "/ui/app.js"] {
+        assert!(page.contains(script), "the page loads {script}");
+        let (status, ct, _) = get(script).await;
+        assert_eq!(status, StatusCode::OK, "{script}");
+        assert!(ct.starts_with("text/javascript"), "{ct}");
+    }
+    assert!(!page.contains("https://"), "nothing from outside the server");
+    let (_, _, client) = get("/ui/voxpoll.js").await;
+    let file = std::fs::read_to_string(root().join("clients/miniprogram/voxpoll.js")).unwrap();
+    assert_eq!(client, file);
+    let (status, _, body) = get("/ui/../Cargo.toml").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _, body) = get("/ui/nothing.js").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+}
