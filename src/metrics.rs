@@ -151,7 +151,6 @@ pub fn route_of(path: &str) -> &'static str {
         ["v1", "sessions", _, "audio"] => "/v1/sessions/{id}/audio",
         ["v1", "sessions", _, "events"] => "/v1/sessions/{id}/events",
         ["v1", "sessions", _, "finish"] => "/v1/sessions/{id}/finish",
-        ["v1", "sessions", _, "cancel"] => "/v1/sessions/{id}/cancel",
         ["v1", "sessions", _, "ws"] => "/v1/sessions/{id}/ws",
         ["v1", "recognize"] => "/v1/recognize",
         ["v1", "audio", "transcriptions"] => "/v1/audio/transcriptions",

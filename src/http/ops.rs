@@ -1,4 +1,5 @@
-//! Operations routes (shared/api.md, "Operations"): liveness, readiness and Prometheus metrics.
+//! Operations routes (shared/api.md, "Operations"): liveness, readiness, Prometheus metrics and
+//! the OpenAPI document.
 
 use super::{with_state, AppState};
 use crate::error::ApiError;
@@ -7,7 +8,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-/// `GET /health`, `GET /ready` and `GET /metrics`.
+/// `GET /health`, `GET /ready`, `GET /metrics` and `GET /openapi.yaml`.
 pub(super) fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -26,8 +27,26 @@ pub(super) fn routes(
         .and(warp::header::optional::<String>("authorization"))
         .and(with_state(state))
         .map(metrics);
-    health.or(ready).unify().or(metrics).unify()
+    // GET /openapi.yaml: the API contract (openapi.yaml at the repository root).
+    let openapi = warp::path!("openapi.yaml").and(warp::get()).map(|| {
+        let mut r = OPENAPI.into_response();
+        r.headers_mut().insert(
+            warp::http::header::CONTENT_TYPE,
+            warp::http::HeaderValue::from_static("application/yaml"),
+        );
+        r
+    });
+    health
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(openapi)
+        .unify()
 }
+
+/// The OpenAPI 3.1 document of every route, compiled in.
+const OPENAPI: &str = include_str!("../../openapi.yaml");
 
 fn metrics(authorization: Option<String>, state: AppState) -> Response {
     if let Some(token) = &state.config.metrics_token {

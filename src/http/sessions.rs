@@ -107,15 +107,43 @@ pub(super) fn routes(
         .unify()
 }
 
+/// Refuses options the API does not have (a misspelt `engnie` would otherwise be ignored):
+/// 400 `invalid_option` naming the first unknown one (its first 16 characters).
+fn check_known_options(v: &serde_json::Value) -> Result<(), ApiError> {
+    let known = serde_json::to_value(CreateOptions::default()).unwrap_or_default();
+    let (Some(given), Some(known)) = (v.as_object(), known.as_object()) else {
+        return Ok(()); // not an object: serde reports the type
+    };
+    match given.keys().find(|k| !known.contains_key(*k)) {
+        None => Ok(()),
+        Some(k) => {
+            let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            Err(ApiError::bad_request(
+                "invalid_option",
+                format!(
+                    "unknown session option {:?}; the options are {}",
+                    k.chars().take(16).collect::<String>(),
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
 async fn create_session(
     user: Option<String>,
     body: Bytes,
     state: AppState,
 ) -> Result<impl Reply, ApiError> {
-    let opts: CreateOptions = if body.iter().all(u8::is_ascii_whitespace) {
+    // An empty body means every default; anything else must be a JSON object.
+    let opts: CreateOptions = if body.is_empty() {
         CreateOptions::default()
     } else {
-        serde_json::from_slice(&body)
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("session options: {e}")))?;
+        check_known_options(&v)?;
+        serde_json::from_value(v)
             .map_err(|e| ApiError::bad_request("invalid_json", format!("session options: {e}")))?
     };
     let created = state.sessions.create(opts, user).await?;

@@ -12,6 +12,7 @@ mod hostile;
 mod lifecycle;
 mod observability;
 mod oneshot;
+mod openapi;
 mod process;
 mod protocol;
 mod providers;

@@ -540,7 +540,10 @@ async fn the_demo_page_and_its_scripts_are_served_from_the_binary() {
         assert_eq!(status, StatusCode::OK, "{script}");
         assert!(ct.starts_with("text/javascript"), "{ct}");
     }
-    assert!(!page.contains("https://"), "nothing from outside the server");
+    assert!(
+        !page.contains("https://"),
+        "nothing from outside the server"
+    );
     let (_, _, client) = get("/ui/voxpoll.js").await;
     let file = std::fs::read_to_string(root().join("clients/miniprogram/voxpoll.js")).unwrap();
     assert_eq!(client, file);
@@ -550,4 +553,25 @@ async fn the_demo_page_and_its_scripts_are_served_from_the_binary() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "not_found");
+}
+
+/// A misspelt option is an error, not silently ignored.
+#[tokio::test]
+async fn unknown_session_options_are_refused_by_name() {
+    let app = spawn_app().await;
+    let r = app
+        .http
+        .post(format!("{}/v1/sessions", app.url))
+        .json(&json!({"provider": "echo", "engnie": "16k_en"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_option", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"engnie\"") && message.contains("engine"),
+        "{message}"
+    );
 }
