@@ -120,11 +120,14 @@ impl RedisStore {
                 "{PROGRESS_LUA} if fenced(KEYS[1], ARGV[7]) then return refuse() end \
                  return progress(KEYS[1], ARGV)"
             )),
-            // KEYS: s, e, c, p; ARGV: progress 1..6, end seq, end json, fence, id.
+            // KEYS: s, e, c, p, unfinished, the user's open set; ARGV: progress 1..6, end seq,
+            // end json, fence, id. One script: once the end is visible, the session is out of
+            // the unfinished index and its user's budget (a create right after a cancel fits).
             end: Script::new(&format!(
                 "{PROGRESS_LUA} if fenced(KEYS[1], ARGV[9]) then return refuse() end \
                  event(KEYS[2], KEYS[4], ARGV[7], ARGV[8]) \
                  local r = progress(KEYS[1], ARGV) redis.call('DEL', KEYS[3], KEYS[4]) \
+                 redis.call('SREM', KEYS[5], ARGV[10]) redis.call('SREM', KEYS[6], ARGV[10]) \
                  redis.call('PUBLISH', '{EVENTS_CHANNEL}', ARGV[10] .. ' ' .. ARGV[7]) return r"
             )),
             insert: Script::new(
@@ -341,6 +344,7 @@ impl SessionStore for RedisStore {
         end: &StoredEvent,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
+        let user: Option<String> = conn.hget(session_key(id), "user_id").await?;
         let r: Result<i64, _> = self
             .scripts
             .end
@@ -348,6 +352,8 @@ impl SessionStore for RedisStore {
             .key(events_key(id))
             .key(chunks_key(id))
             .key(partials_key(id))
+            .key(UNFINISHED)
+            .key(user_open_key(user.as_deref()))
             .arg(&progress_args(p))
             .arg(end.seq)
             .arg(&end.json)
@@ -355,12 +361,7 @@ impl SessionStore for RedisStore {
             .arg(id)
             .invoke_async(&mut conn)
             .await;
-        scripted(r)?;
-        // Outside the script (other slots in a Cluster); `unfinished` also checks the status.
-        let _: i64 = conn.srem(UNFINISHED, id).await?;
-        let user: Option<String> = conn.hget(session_key(id), "user_id").await?;
-        let _: i64 = conn.srem(user_open_key(user.as_deref()), id).await?;
-        Ok(())
+        scripted(r).map(drop)
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
