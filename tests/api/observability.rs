@@ -2,7 +2,7 @@
 //! so counts are exact).
 
 use crate::fakes::tencent::{Behavior, FakeTencent, APP_ID, SECRET_ID, SECRET_KEY};
-use crate::process::{drain, Server};
+use crate::process::{create_with, drain, Server};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -69,18 +69,7 @@ async fn metrics_count_what_a_session_did() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_metrics_token");
     }
-    let created: Value = s
-        .http
-        .post(format!("{}/v1/sessions", s.url))
-        .json(&json!({"provider": "loopback"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["session_id"].as_str().unwrap().to_string();
-    let token = created["session_token"].as_str().unwrap().to_string();
+    let (id, token) = create_with(&s, json!({"provider": "loopback"})).await;
     // A poll held while we scrape.
     let held = {
         let (http, url, id, token) = (s.http.clone(), s.url.clone(), id.clone(), token.clone());

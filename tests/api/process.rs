@@ -178,10 +178,15 @@ pub fn speech_chunks() -> Vec<Vec<u8>> {
 
 /// Creates a Mandarin session; (id, token).
 pub async fn create(s: &Server) -> (String, String) {
+    create_with(s, json!({"engine": "16k_zh"})).await
+}
+
+/// Creates a session with `options`; (id, token).
+pub async fn create_with(s: &Server, options: Value) -> (String, String) {
     let r = s
         .http
         .post(format!("{}/v1/sessions", s.url))
-        .json(&json!({"engine": "16k_zh"}))
+        .json(&options)
         .send()
         .await
         .expect("create");

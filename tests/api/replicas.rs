@@ -5,7 +5,7 @@
 //! per-user budget are shown through the HTTP API.
 
 use crate::process::{
-    check_log, create, one_instance_transcript, serve_command, speech_chunks, Server,
+    check_log, create, create_with, one_instance_transcript, serve_command, speech_chunks, Server,
 };
 use crate::store::RedisServer;
 use futures_util::{SinkExt, StreamExt};
@@ -152,21 +152,8 @@ async fn three_replicas_with_round_robin_routing_give_the_one_instance_transcrip
     // Partials reach polls on any replica. The embedded engine may skip every partial when the
     // machine is busy (finals first), so this uses `loopback`, which answers each chunk with
     // one: created on r0 (the owner), chunk via r1, polled on r2.
-    let lb: Value = r
-        .at(0)
-        .http
-        .post(format!("{}/v1/sessions", r.at(0).url))
-        .json(&json!({"provider": "loopback"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (lb_id, lb_token) = (
-        lb["session_id"].as_str().unwrap(),
-        lb["session_token"].as_str().unwrap(),
-    );
+    let (lb_id, lb_token) = create_with(r.at(0), json!({"provider": "loopback"})).await;
+    let (lb_id, lb_token) = (lb_id.as_str(), lb_token.as_str());
     r.at(1).upload(lb_id, lb_token, 0, false, &[0u8; 640]).await;
     let mut partial = None;
     for _ in 0..20 {
