@@ -138,8 +138,17 @@ fn describe() {
 /// The route template of a request path, for labels (ids are replaced, so the label set stays
 /// small whatever clients send).
 pub fn route_of(path: &str) -> &'static str {
-    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    match parts.as_slice() {
+    // At most 5 segments matter; on the stack (this runs for every request).
+    let mut parts = [""; 5];
+    let mut n = 0;
+    for seg in path.trim_end_matches('/').split('/').skip(1) {
+        if n == parts.len() {
+            return "other";
+        }
+        parts[n] = seg;
+        n += 1;
+    }
+    match &parts[..n] {
         [""] | [] => "/",
         ["health"] => "/health",
         ["ready"] => "/ready",

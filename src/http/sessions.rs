@@ -110,15 +110,26 @@ pub(super) fn routes(
 /// Refuses options the API does not have (a misspelt `engnie` would otherwise be ignored):
 /// 400 `invalid_option` naming the first unknown one (its first 16 characters).
 fn check_known_options(v: &serde_json::Value) -> Result<(), ApiError> {
-    let known = serde_json::to_value(CreateOptions::default()).unwrap_or_default();
-    let (Some(given), Some(known)) = (v.as_object(), known.as_object()) else {
+    // The option names, sorted: the fields of `CreateOptions` as it serialises (computed once).
+    static KNOWN: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let known = KNOWN.get_or_init(|| {
+        let v = serde_json::to_value(CreateOptions::default()).unwrap_or_default();
+        let mut names: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect();
+        names.sort_unstable();
+        names
+    });
+    let Some(given) = v.as_object() else {
         return Ok(()); // not an object: serde reports the type
     };
-    match given.keys().find(|k| !known.contains_key(*k)) {
+    match given.keys().find(|k| known.binary_search(k).is_err()) {
         None => Ok(()),
         Some(k) => {
-            let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
-            names.sort_unstable();
+            let names: Vec<&str> = known.iter().map(String::as_str).collect();
             Err(ApiError::bad_request(
                 "invalid_option",
                 format!(
