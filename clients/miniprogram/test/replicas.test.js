@@ -94,11 +94,52 @@ test('three replicas behind round-robin nginx: every client mode gets the one-in
     assert.deepEqual(r.seqs, sorted, `${mode}: events in seq order`)
     assert.equal(new Set(r.seqs).size, r.seqs.length, `${mode}: no event twice`)
   }
-  // The routing really spread each session's chunks and polls over every replica.
+  // The routing really spread each poll-mode session's chunks over every replica (dozens of
+  // chunks per session: round-robin cannot miss one).
   const log = nginx.accessLog()
   for (const r of replicas) {
     const mine = log.filter((l) => l.startsWith(`127.0.0.1:${r.port} `))
     assert.ok(mine.some((l) => / POST \/v1\/sessions\/[^/]+\/audio$/.test(l)), `replica ${r.port} took chunks:\n${log.join('\n')}`)
-    assert.ok(mine.some((l) => / GET \/v1\/sessions\/[^/]+\/events$/.test(l)), `replica ${r.port} held polls`)
   }
+})
+
+// A session's polls can be few (one per event), so whether the test above put one on every
+// replica is luck. This one makes sure: nginx runs one worker, so three polls sent together are
+// three consecutive requests of its round-robin and land on three different replicas; each must
+// hold, then wake with the `end` when the finish arrives through a fourth request.
+test('a poll held on every replica wakes when the session ends through another', async () => {
+  const base = nginx.urls.direct
+  const res = await fetch(`${base}/v1/sessions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ engine: '16k_zh', format: 'pcm', sample_rate: 16000 })
+  })
+  assert.equal(res.status, 201, await res.clone().text())
+  const { session_id: id, session_token: token } = await res.json()
+  const headers = { 'X-Session-Token': token }
+  const before = nginx.accessLog().length
+  const polls = [0, 1, 2].map(() => fetch(`${base}/v1/sessions/${id}/events?after=0&wait_ms=20000`, { headers }).then(async (r) => ({ status: r.status, body: await r.json() })))
+  // All three are held before the finish: each replica's access log line only appears when its
+  // poll ends, so wait on the servers' own gauge instead.
+  const deadline = Date.now() + 10000
+  for (;;) {
+    let held = 0
+    for (const r of replicas) {
+      const m = (await (await fetch(`${r.url}/metrics`)).text()).match(/^voxpoll_polls_waiting (\d+)/m)
+      held += m ? Number(m[1]) : 0
+    }
+    if (held >= 3) break
+    assert.ok(Date.now() < deadline, `only ${held} of 3 polls held`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  const fin = await fetch(`${base}/v1/sessions/${id}/finish`, { method: 'POST', headers })
+  assert.equal(fin.status, 200, await fin.text())
+  const answers = await Promise.all(polls)
+  for (const a of answers) {
+    assert.equal(a.status, 200)
+    assert.ok(a.body.events.some((e) => e.type === 'end'), JSON.stringify(a.body))
+  }
+  const gets = nginx.accessLog().slice(before).filter((l) => / GET \/v1\/sessions\/[^/]+\/events$/.test(l))
+  const upstreams = new Set(gets.map((l) => l.split(' ')[0]))
+  assert.equal(upstreams.size, 3, `the three polls went to three replicas:\n${gets.join('\n')}`)
 })
