@@ -75,7 +75,9 @@ pub async fn build_with_providers(
         engine,
         EmbeddedSettings {
             partial_interval_ms: config.partial_interval_ms,
+            first_partial_ms: config.first_partial_ms,
             vad_silence_ms: config.vad_silence_ms,
+            early_final_ms: config.early_final_ms,
             max_queued_finals: config.max_queued_finals,
         },
     ));

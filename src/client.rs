@@ -64,6 +64,26 @@ pub struct Summary {
     pub partials: usize,
     /// Upload retries needed.
     pub retries: u32,
+    /// Every partial and final as it arrived, for `scripts/bench`'s latency and stability
+    /// figures.
+    pub timeline: Vec<Arrival>,
+}
+
+/// One result event and when it reached the client.
+#[derive(Debug, Serialize)]
+pub struct Arrival {
+    /// From the first chunk's due time (stream time 0 at real-time pace) to its arrival, ms.
+    pub at_ms: u64,
+    /// `partial` or `final`.
+    pub kind: String,
+    /// Sentence index.
+    pub sentence: u64,
+    /// The result's text.
+    pub text: String,
+    /// Stream time the result covers, ms.
+    pub start_ms: u64,
+    /// Stream time the result covers, ms.
+    pub end_ms: u64,
 }
 
 /// Runs the command.
@@ -290,6 +310,7 @@ async fn follow_events(
         final_delays_ms: Vec::new(),
         partials: 0,
         retries: 0,
+        timeline: Vec::new(),
     };
     let mut failures = 0;
     loop {
@@ -316,6 +337,16 @@ async fn follow_events(
         failures = 0;
         let now_ms = started.elapsed().as_millis() as u64;
         for ev in page["events"].as_array().into_iter().flatten() {
+            if let Some(kind @ ("partial" | "final")) = ev["type"].as_str() {
+                summary.timeline.push(Arrival {
+                    at_ms: now_ms,
+                    kind: kind.to_string(),
+                    sentence: ev["sentence"].as_u64().unwrap_or(0),
+                    text: ev["text"].as_str().unwrap_or("").to_string(),
+                    start_ms: ev["start_ms"].as_u64().unwrap_or(0),
+                    end_ms: ev["end_ms"].as_u64().unwrap_or(0),
+                });
+            }
             match ev["type"].as_str() {
                 Some("partial") => {
                     summary.partials += 1;

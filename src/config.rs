@@ -133,9 +133,20 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_PARTIAL_INTERVAL_MS", default_value_t = defaults::PARTIAL_INTERVAL_MS)]
     pub partial_interval_ms: u64,
 
+    /// Audio from the onset of an utterance to its first partial re-decode, in ms (at most
+    /// `partial_interval_ms`).
+    #[arg(long, env = "VOXPOLL_FIRST_PARTIAL_MS", default_value_t = defaults::FIRST_PARTIAL_MS)]
+    pub first_partial_ms: u64,
+
     /// Non-speech that ends an utterance, in ms (a session's `vad_silence_ms` overrides it).
     #[arg(long, env = "VOXPOLL_VAD_SILENCE_MS", default_value_t = defaults::VAD_SILENCE_MS)]
     pub vad_silence_ms: u64,
+
+    /// Non-speech after which the embedded engine starts decoding a sentence's final, in ms: the
+    /// final is published the moment `vad_silence_ms` confirms the end, or dropped if speech
+    /// resumes first (0: decode only once the end is confirmed).
+    #[arg(long, env = "VOXPOLL_EARLY_FINAL_MS", default_value_t = defaults::EARLY_FINAL_MS)]
+    pub early_final_ms: u64,
 
     /// Time to let sessions finish on shutdown before they are recorded as failed, in ms.
     #[arg(long, env = "VOXPOLL_SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
@@ -283,7 +294,9 @@ mod defaults {
     pub const DECODE_THREADS: usize = 1;
     pub const MAX_QUEUED_FINALS: usize = 8;
     pub const PARTIAL_INTERVAL_MS: u64 = 1000;
+    pub const FIRST_PARTIAL_MS: u64 = 500;
     pub const VAD_SILENCE_MS: u64 = 600;
+    pub const EARLY_FINAL_MS: u64 = 150;
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     pub const MAX_UPLOAD_BYTES: u64 = 10 * 1024 * 1024;
     pub const MAX_RECOGNIZE_AUDIO_MS: u64 = 600_000;
@@ -362,7 +375,9 @@ impl Config {
             decode_threads: DECODE_THREADS,
             max_queued_finals: MAX_QUEUED_FINALS,
             partial_interval_ms: PARTIAL_INTERVAL_MS,
+            first_partial_ms: FIRST_PARTIAL_MS,
             vad_silence_ms: VAD_SILENCE_MS,
+            early_final_ms: EARLY_FINAL_MS,
             shutdown_grace_ms: SHUTDOWN_GRACE_MS,
             max_upload_bytes: MAX_UPLOAD_BYTES,
             max_recognize_audio_ms: MAX_RECOGNIZE_AUDIO_MS,

@@ -26,6 +26,12 @@ pub struct SegmenterConfig {
     pub min_voiced_ms: u64,
     /// Audio between partial snapshots of the open utterance, in ms (0: no partials).
     pub partial_interval_ms: u64,
+    /// Audio from an utterance's first voiced frame to its first partial snapshot, in ms (at
+    /// most `partial_interval_ms`; the snapshot also waits for `min_voiced_ms` of speech).
+    pub first_partial_ms: u64,
+    /// Non-speech after which the open utterance is offered as [`Segment::Tentative`], so its
+    /// final can be decoded while `silence_ms` is confirmed, in ms (0: never).
+    pub early_final_ms: u64,
 }
 
 /// What the segmenter asks its owner to do.
@@ -42,6 +48,20 @@ pub enum Segment {
         /// Stream time of the last sample, ms.
         end_ms: u64,
     },
+    /// The utterance as it stands after `early_final_ms` of non-speech: it becomes a final
+    /// unchanged unless [`Segment::Resumed`] follows. Decoding it now lets the final be
+    /// published as soon as the silence is confirmed.
+    Tentative {
+        /// Utterance index in this stream, from 0.
+        utterance: u32,
+        /// The utterance's samples so far.
+        pcm: Vec<i16>,
+    },
+    /// Speech resumed after a [`Segment::Tentative`]: that snapshot will not be the final.
+    Resumed {
+        /// Utterance index in this stream, from 0.
+        utterance: u32,
+    },
     /// A complete utterance, for a final result.
     Final {
         /// Utterance index in this stream, from 0.
@@ -52,6 +72,9 @@ pub enum Segment {
         start_ms: u64,
         /// Stream time of the last sample, ms.
         end_ms: u64,
+        /// No speech came after the last [`Segment::Tentative`] of this utterance: its decode
+        /// stands for this final (the samples differ only by trailing non-speech).
+        tentative_holds: bool,
     },
 }
 
@@ -73,6 +96,8 @@ pub struct Segmenter {
     /// Stream position at the end of the last voiced frame (the end of speech).
     last_voiced: u64,
     next_index: u32,
+    /// A [`Segment::Tentative`] was offered during the current run of non-speech.
+    tentative: bool,
 }
 
 impl Segmenter {
@@ -93,6 +118,7 @@ impl Segmenter {
             samples: 0,
             last_voiced: 0,
             next_index: 0,
+            tentative: false,
         }
     }
 
@@ -143,7 +169,10 @@ impl Segmenter {
                 self.utterance.extend(frame);
                 self.voiced_ms = FRAME_MS;
                 self.silence_run_ms = 0;
-                self.since_partial_ms = 0;
+                self.since_partial_ms = self
+                    .cfg
+                    .partial_interval_ms
+                    .saturating_sub(self.cfg.first_partial_ms);
             } else {
                 self.preroll.push_back(frame);
                 if self.preroll.len() > PREROLL_FRAMES {
@@ -157,13 +186,29 @@ impl Segmenter {
         if voiced {
             self.voiced_ms += FRAME_MS;
             self.silence_run_ms = 0;
+            if std::mem::take(&mut self.tentative) {
+                out.push(Segment::Resumed {
+                    utterance: self.next_index,
+                });
+            }
         } else {
             self.silence_run_ms += FRAME_MS;
         }
         let len_ms = self.utterance.len() as u64 * 1000 / u64::from(TARGET_RATE);
         if self.silence_run_ms >= self.cfg.silence_ms || len_ms >= MAX_UTTERANCE_MS {
             self.close_utterance(out);
-        } else if self.cfg.partial_interval_ms > 0
+        } else if self.cfg.early_final_ms > 0
+            && !self.tentative
+            && self.silence_run_ms >= self.cfg.early_final_ms
+            && self.voiced_ms >= self.cfg.min_voiced_ms
+        {
+            self.tentative = true;
+            out.push(Segment::Tentative {
+                utterance: self.next_index,
+                pcm: self.utterance.clone(),
+            });
+        } else if !self.tentative
+            && self.cfg.partial_interval_ms > 0
             && self.since_partial_ms >= self.cfg.partial_interval_ms
             && self.voiced_ms >= self.cfg.min_voiced_ms
         {
@@ -191,9 +236,11 @@ impl Segmenter {
                 pcm,
                 start_ms,
                 end_ms,
+                tentative_holds: self.tentative,
             });
             self.next_index += 1;
         }
+        self.tentative = false;
         self.voiced_ms = 0;
         self.silence_run_ms = 0;
         self.since_partial_ms = 0;
@@ -209,6 +256,8 @@ mod tests {
             silence_ms: 600,
             min_voiced_ms: 300,
             partial_interval_ms: 1000,
+            first_partial_ms: 1000,
+            early_final_ms: 0,
         }
     }
 
@@ -261,5 +310,87 @@ mod tests {
             assert!((600..=1000).contains(start_ms), "start {start_ms}");
             assert!((3400..=4200).contains(end_ms), "end {end_ms}");
         }
+    }
+
+    #[test]
+    fn a_pause_offers_a_tentative_final_that_resumed_speech_withdraws() {
+        let mut s = Segmenter::new(SegmenterConfig {
+            early_final_ms: 150,
+            ..cfg()
+        });
+        let mut pcm = vec![0i16; 8_000];
+        pcm.extend(voice(1500));
+        pcm.extend(vec![0i16; 16 * 300]); // a pause shorter than silence_ms
+        pcm.extend(voice(1000));
+        pcm.extend(vec![0i16; 16_000]);
+        let kinds: Vec<String> = s
+            .push(&pcm)
+            .iter()
+            .filter_map(|x| match x {
+                Segment::Partial { .. } => None,
+                Segment::Tentative { utterance, pcm } => {
+                    Some(format!("tentative {utterance} {}", pcm.len() / 16))
+                }
+                Segment::Resumed { utterance } => Some(format!("resumed {utterance}")),
+                Segment::Final {
+                    utterance,
+                    tentative_holds,
+                    pcm,
+                    ..
+                } => Some(format!(
+                    "final {utterance} {tentative_holds} {}",
+                    pcm.len() / 16
+                )),
+            })
+            .collect();
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+        assert!(kinds[0].starts_with("tentative 0"), "{kinds:?}");
+        assert_eq!(kinds[1], "resumed 0");
+        assert!(kinds[2].starts_with("tentative 0"), "{kinds:?}");
+        assert!(kinds[3].starts_with("final 0 true"), "{kinds:?}");
+        // The tentative ends 150-180 ms into the silence; the final has the whole 600 ms.
+        let len = |k: &str| k.rsplit(' ').next().unwrap().parse::<i64>().unwrap();
+        let extra = len(&kinds[3]) - len(&kinds[2]);
+        assert!((390..=480).contains(&extra), "{kinds:?}");
+    }
+
+    #[test]
+    fn without_early_final_ms_no_tentative_is_offered() {
+        let mut s = Segmenter::new(cfg());
+        let mut pcm = voice(1500);
+        pcm.extend(vec![0i16; 16_000]);
+        let out = s.push(&pcm);
+        assert!(out
+            .iter()
+            .all(|x| !matches!(x, Segment::Tentative { .. } | Segment::Resumed { .. })));
+        assert!(out.iter().any(|x| matches!(
+            x,
+            Segment::Final {
+                tentative_holds: false,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn the_first_partial_comes_after_first_partial_ms_then_every_interval() {
+        let mut s = Segmenter::new(SegmenterConfig {
+            first_partial_ms: 450,
+            ..cfg()
+        });
+        let mut pcm = vec![0i16; 16_000];
+        pcm.extend(voice(3000));
+        let ends: Vec<u64> = s
+            .push(&pcm)
+            .iter()
+            .filter_map(|x| match x {
+                Segment::Partial { end_ms, .. } => Some(*end_ms),
+                _ => None,
+            })
+            .collect();
+        // Voice starts at 1000 ms: snapshots at ~1450, ~2450, ~3450 ms.
+        assert_eq!(ends.len(), 3, "{ends:?}");
+        assert!((1420..=1520).contains(&ends[0]), "{ends:?}");
+        assert!((980..=1020).contains(&(ends[1] - ends[0])), "{ends:?}");
     }
 }

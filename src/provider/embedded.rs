@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Finals one stream may have submitted and not yet emitted; audio past them waits.
+/// Finals one stream may have submitted and not yet emitted (an early final decode counts as
+/// one); audio past them waits.
 pub const MAX_PENDING_FINALS: usize = 2;
 
 /// Maps an engine model type to a Whisper language code (`16k_zh` → `zh`, `16k_en` → `en`).
@@ -51,8 +52,13 @@ pub fn language_for_engine(engine: &str) -> Result<&'static str, String> {
 pub struct EmbeddedSettings {
     /// Audio between partial re-decodes, ms.
     pub partial_interval_ms: u64,
+    /// Audio from an utterance's onset to its first partial re-decode, ms.
+    pub first_partial_ms: u64,
     /// Default non-speech that ends an utterance, ms.
     pub vad_silence_ms: u64,
+    /// Non-speech after which an utterance's final is decoded ahead, to be published when
+    /// `vad_silence_ms` confirms the end (or dropped if speech resumes), ms; 0: off.
+    pub early_final_ms: u64,
     /// Finals waiting for a decode worker past which `open` answers
     /// [`ProviderError::Busy`].
     pub max_queued_finals: usize,
@@ -136,6 +142,8 @@ impl Provider for EmbeddedProvider {
             } else {
                 0
             },
+            first_partial_ms: self.settings.first_partial_ms,
+            early_final_ms: self.settings.early_final_ms,
         };
         let (input_tx, mut input_rx) = mpsc::channel::<ProviderInput>(64);
         let (events_tx, events_rx) = mpsc::channel::<ProviderEvent>(256);
@@ -159,6 +167,9 @@ impl Provider for EmbeddedProvider {
             finishing: false,
             credits: Arc::clone(&credits),
             overdrawn: 0,
+            tentative: None,
+            awaited: BTreeMap::new(),
+            next_tentative: 0,
         };
         // The stream's thread starts with its first input: an open session that sends nothing
         // costs no thread (10,000 idle sessions are 10,000 stacks otherwise).
@@ -234,7 +245,22 @@ enum Msg {
         end_ms: u64,
         result: Result<String, String>,
     },
+    /// The decode of a [`Segment::Tentative`], by its id.
+    TentativeDecoded {
+        id: u64,
+        result: Result<String, String>,
+    },
     Cancel,
+}
+
+/// A final decoded ahead of its confirmation ([`Segment::Tentative`]).
+struct Tentative {
+    id: u64,
+    utterance: u32,
+    /// Set when speech resumes: the queued decode is then skipped.
+    stale: Arc<AtomicBool>,
+    /// The decode's answer, once in.
+    result: Option<Result<String, String>>,
 }
 
 /// One stream's segmenter and result ordering; runs on its own thread.
@@ -257,6 +283,11 @@ struct StreamThread {
     credits: Arc<Semaphore>,
     /// Finals submitted while no credit was free: repaid before credits are given back.
     overdrawn: usize,
+    /// The open utterance's final, decoded ahead during its closing silence.
+    tentative: Option<Tentative>,
+    /// Confirmed finals whose tentative decode is still running: id → (utterance, start, end).
+    awaited: BTreeMap<u64, (u32, u64, u64)>,
+    next_tentative: u64,
 }
 
 impl StreamThread {
@@ -283,6 +314,9 @@ impl StreamThread {
                 } => {
                     self.on_decoded(utterance, kind, start_ms, end_ms, result) && self.maybe_done()
                 }
+                Msg::TentativeDecoded { id, result } => {
+                    self.on_tentative_decoded(id, result) && self.maybe_done()
+                }
                 Msg::Cancel => false,
             };
             if !keep_going {
@@ -300,6 +334,36 @@ impl StreamThread {
     fn handle(&mut self, segs: Vec<Segment>) -> bool {
         for s in segs {
             match s {
+                Segment::Tentative { utterance, pcm } => {
+                    // A partial of this sentence is worth less than its final now.
+                    self.partial_stale.store(true, Ordering::Release);
+                    self.partial_stale = Arc::new(AtomicBool::new(false));
+                    self.drop_tentative();
+                    // A decode in the queue like a final: it takes a credit too, so a stream
+                    // uploading faster than real time does not get more than its share.
+                    self.take_credit();
+                    let id = self.next_tentative;
+                    self.next_tentative += 1;
+                    let stale = Arc::new(AtomicBool::new(false));
+                    let tx = self.self_tx.clone();
+                    self.engine.submit(DecodeJob {
+                        pcm: to_f32(&pcm),
+                        lang: self.lang,
+                        kind: DecodeKind::Final,
+                        alive: Arc::clone(&self.alive),
+                        stale: Some(Arc::clone(&stale)),
+                        reply: Box::new(move |result| {
+                            let _ = tx.send(Msg::TentativeDecoded { id, result });
+                        }),
+                    });
+                    self.tentative = Some(Tentative {
+                        id,
+                        utterance,
+                        stale,
+                        result: None,
+                    });
+                }
+                Segment::Resumed { .. } => self.drop_tentative(),
                 Segment::Partial {
                     utterance,
                     pcm,
@@ -317,19 +381,88 @@ impl StreamThread {
                     pcm,
                     start_ms,
                     end_ms,
+                    tentative_holds,
                 } => {
                     self.partial_stale.store(true, Ordering::Release);
                     self.partial_stale = Arc::new(AtomicBool::new(false));
                     self.open_utterance = utterance + 1;
-                    // The forwarder passes audio only while a credit is free, but one message
-                    // may cut several finals: past the cap the debt is remembered instead.
-                    if self.credits.forget_permits(1) == 0 {
-                        self.overdrawn += 1;
-                    }
                     self.pending_finals.insert(utterance, None);
-                    self.submit(utterance, DecodeKind::Final, pcm, start_ms, end_ms);
+                    match self.tentative.take() {
+                        // Its credit, taken by the tentative decode, stays with the final.
+                        Some(t) if tentative_holds && t.utterance == utterance => {
+                            self.engine
+                                .stats
+                                .finals_early
+                                .fetch_add(1, Ordering::Relaxed);
+                            match t.result {
+                                Some(result) => {
+                                    if !self.on_decoded(
+                                        utterance,
+                                        DecodeKind::Final,
+                                        start_ms,
+                                        end_ms,
+                                        result,
+                                    ) {
+                                        return false;
+                                    }
+                                }
+                                None => {
+                                    self.awaited.insert(t.id, (utterance, start_ms, end_ms));
+                                }
+                            }
+                        }
+                        other => {
+                            self.tentative = other;
+                            self.drop_tentative();
+                            self.take_credit();
+                            self.submit(utterance, DecodeKind::Final, pcm, start_ms, end_ms);
+                        }
+                    }
                 }
             }
+        }
+        true
+    }
+
+    /// Takes a credit for a decode this stream submits. The forwarder passes audio only while
+    /// a credit is free, but one message may cut several finals: past the cap the debt is
+    /// remembered instead.
+    fn take_credit(&mut self) {
+        if self.credits.forget_permits(1) == 0 {
+            self.overdrawn += 1;
+        }
+    }
+
+    /// Gives a credit back (a final emitted, a tentative withdrawn), repaying debt first.
+    fn give_credit(&mut self) {
+        if self.overdrawn > 0 {
+            self.overdrawn -= 1;
+        } else {
+            self.credits.add_permits(1);
+        }
+    }
+
+    /// Withdraws the open utterance's tentative final: its decode is skipped if still queued,
+    /// aborted if running, its answer ignored; its credit comes back.
+    fn drop_tentative(&mut self) {
+        if let Some(t) = self.tentative.take() {
+            self.give_credit();
+            t.stale.store(true, Ordering::Release);
+            self.engine
+                .stats
+                .early_discarded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A tentative decode answered: it is the final if that was confirmed meanwhile, kept if
+    /// the utterance is still in its closing silence, ignored if withdrawn.
+    fn on_tentative_decoded(&mut self, id: u64, result: Result<String, String>) -> bool {
+        if let Some((utterance, start_ms, end_ms)) = self.awaited.remove(&id) {
+            return self.on_decoded(utterance, DecodeKind::Final, start_ms, end_ms, result);
+        }
+        if let Some(t) = self.tentative.as_mut().filter(|t| t.id == id) {
+            t.result = Some(result);
         }
         true
     }
@@ -337,7 +470,7 @@ impl StreamThread {
     fn submit(&self, utterance: u32, kind: DecodeKind, pcm: Vec<i16>, start_ms: u64, end_ms: u64) {
         let tx = self.self_tx.clone();
         self.engine.submit(DecodeJob {
-            pcm: pcm.iter().map(|&s| f32::from(s) / 32768.0).collect(),
+            pcm: to_f32(&pcm),
             lang: self.lang,
             kind,
             alive: Arc::clone(&self.alive),
@@ -415,11 +548,7 @@ impl StreamThread {
                     if !self.emit(ProviderEvent::Final(rec)) {
                         return false;
                     }
-                    if self.overdrawn > 0 {
-                        self.overdrawn -= 1;
-                    } else {
-                        self.credits.add_permits(1);
-                    }
+                    self.give_credit();
                 }
                 true
             }
@@ -434,6 +563,11 @@ impl StreamThread {
         }
         true
     }
+}
+
+/// 16-bit samples as Whisper's input, in [-1, 1).
+fn to_f32(pcm: &[i16]) -> Vec<f32> {
+    pcm.iter().map(|&s| f32::from(s) / 32768.0).collect()
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub fn open(
         silence_ms: silence_ms.clamp(200, 5000),
         min_voiced_ms: 300,
         partial_interval_ms: 0,
+        first_partial_ms: 0,
+        early_final_ms: 0,
     };
     let span = tracing::Span::current();
     std::thread::Builder::new()
@@ -78,6 +80,7 @@ pub fn open(
                         pcm,
                         start_ms,
                         end_ms,
+                        ..
                     } = s
                     {
                         let cut = Cut::Utterance {

@@ -132,6 +132,53 @@ async fn partials_arrive_before_the_last_chunk_is_sent() {
     assert!(events.iter().any(|e| e["type"] == "final"));
 }
 
+/// `pcm` cut to its speech (30 ms frames within 20 dB of the loudest), with 50 ms either side.
+fn trim_to_speech(pcm: &[i16]) -> &[i16] {
+    let rms: Vec<f64> = pcm
+        .chunks(480)
+        .map(|f| (f.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>() / f.len() as f64).sqrt())
+        .collect();
+    let peak = rms.iter().copied().fold(0.0, f64::max);
+    let first = rms.iter().position(|&r| r > peak / 10.0).unwrap_or(0);
+    let last = rms.iter().rposition(|&r| r > peak / 10.0).unwrap_or(0);
+    &pcm[(first * 480).saturating_sub(800)..((last + 1) * 480 + 800).min(pcm.len())]
+}
+
+#[tokio::test]
+async fn a_pause_shorter_than_vad_silence_keeps_the_sentence_whole() {
+    // The pause passes early_final_ms (150 ms), so the engine starts decoding a final of the
+    // first clip; speech resuming must withdraw it: one final with both clips. The VAD hears
+    // the clips' quiet edges as non-speech too: 200 ms of zeros make a pause of ~350 ms.
+    let app = spawn_app().await;
+    let clip = |id: &str| {
+        read_wav(&Path::new(PS_DATA).join(format!(
+            "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
+        )))
+    };
+    let (a, b) = (clip("0880"), clip("0930"));
+    let discarded =
+        |ready: Value| ready["providers"]["embedded"]["stats"]["early_discarded"].as_u64();
+    let before = discarded(app.get_path("/ready").await.1).expect("early_discarded in /ready");
+    let mut pcm = vec![0i16; 16 * 500];
+    pcm.extend_from_slice(trim_to_speech(&a));
+    pcm.extend(vec![0i16; 16 * 200]);
+    pcm.extend_from_slice(trim_to_speech(&b));
+    pcm.extend(vec![0i16; 16 * 1000]);
+    for realtime in [false, true] {
+        let s = app.create(json!({"engine": "16k_en"})).await;
+        let events = app.stream_pcm(&s, &pcm, 200, realtime).await;
+        let finals: Vec<&Value> = events.iter().filter(|e| e["type"] == "final").collect();
+        let words = en_words(&transcript(&events));
+        eprintln!("realtime {realtime}: {words:?}");
+        assert_eq!(finals.len(), 1, "{finals:?}");
+        for w in ["disposed", "amiable"] {
+            assert!(words.iter().any(|x| x == w), "{w} missing: {words:?}");
+        }
+    }
+    // The scenario did start (and withdraw) an early final.
+    assert!(discarded(app.get_path("/ready").await.1).unwrap() > before);
+}
+
 #[tokio::test]
 async fn silence_and_noise_give_no_text() {
     let app = spawn_app().await;
