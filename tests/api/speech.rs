@@ -149,7 +149,7 @@ async fn a_pause_shorter_than_vad_silence_keeps_the_sentence_whole() {
     // The pause passes early_final_ms (150 ms), so the engine starts decoding a final of the
     // first clip; speech resuming must withdraw it: one final with both clips. The VAD hears
     // the clips' quiet edges as non-speech too: 200 ms of zeros make a pause of ~350 ms.
-    let app = spawn_app().await;
+    let app = spawn_app_with(|c| c.early_final_ms = 150).await;
     let clip = |id: &str| {
         read_wav(&Path::new(PS_DATA).join(format!(
             "librivox/sense_and_sensibility_01_austen_64kb-{id}.wav"
