@@ -11,7 +11,7 @@
 //! uploads 429 `backpressure` when full), so one fast uploader cannot fill the shared decode
 //! queue ahead of everybody else.
 
-use super::whisper::{DecodeJob, DecodeKind, WhisperEngine};
+use super::whisper::{DecodeJob, DecodeKind, DecodeReply, WhisperEngine};
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
     StreamOptions,
@@ -336,8 +336,7 @@ impl StreamThread {
             match s {
                 Segment::Tentative { utterance, pcm } => {
                     // A partial of this sentence is worth less than its final now.
-                    self.partial_stale.store(true, Ordering::Release);
-                    self.partial_stale = Arc::new(AtomicBool::new(false));
+                    self.supersede_partial();
                     self.drop_tentative();
                     // A decode in the queue like a final: it takes a credit too, so a stream
                     // uploading faster than real time does not get more than its share.
@@ -346,16 +345,14 @@ impl StreamThread {
                     self.next_tentative += 1;
                     let stale = Arc::new(AtomicBool::new(false));
                     let tx = self.self_tx.clone();
-                    self.engine.submit(DecodeJob {
-                        pcm: to_f32(&pcm),
-                        lang: self.lang,
-                        kind: DecodeKind::Final,
-                        alive: Arc::clone(&self.alive),
-                        stale: Some(Arc::clone(&stale)),
-                        reply: Box::new(move |result| {
+                    self.submit_job(
+                        &pcm,
+                        DecodeKind::Final,
+                        Some(Arc::clone(&stale)),
+                        Box::new(move |result| {
                             let _ = tx.send(Msg::TentativeDecoded { id, result });
                         }),
-                    });
+                    );
                     self.tentative = Some(Tentative {
                         id,
                         utterance,
@@ -383,8 +380,7 @@ impl StreamThread {
                     end_ms,
                     tentative_holds,
                 } => {
-                    self.partial_stale.store(true, Ordering::Release);
-                    self.partial_stale = Arc::new(AtomicBool::new(false));
+                    self.supersede_partial();
                     self.open_utterance = utterance + 1;
                     self.pending_finals.insert(utterance, None);
                     match self.tentative.take() {
@@ -467,15 +463,21 @@ impl StreamThread {
         true
     }
 
+    /// Marks the in-flight partial stale (skipped if queued, aborted if running); the next
+    /// partial gets a fresh flag.
+    fn supersede_partial(&mut self) {
+        self.partial_stale.store(true, Ordering::Release);
+        self.partial_stale = Arc::new(AtomicBool::new(false));
+    }
+
     fn submit(&self, utterance: u32, kind: DecodeKind, pcm: Vec<i16>, start_ms: u64, end_ms: u64) {
         let tx = self.self_tx.clone();
-        self.engine.submit(DecodeJob {
-            pcm: to_f32(&pcm),
-            lang: self.lang,
+        let stale = (kind == DecodeKind::Partial).then(|| Arc::clone(&self.partial_stale));
+        self.submit_job(
+            &pcm,
             kind,
-            alive: Arc::clone(&self.alive),
-            stale: (kind == DecodeKind::Partial).then(|| Arc::clone(&self.partial_stale)),
-            reply: Box::new(move |result| {
+            stale,
+            Box::new(move |result| {
                 let _ = tx.send(Msg::Decoded {
                     utterance,
                     kind,
@@ -484,6 +486,24 @@ impl StreamThread {
                     result,
                 });
             }),
+        );
+    }
+
+    /// Queues a decode of `pcm` for this stream.
+    fn submit_job(
+        &self,
+        pcm: &[i16],
+        kind: DecodeKind,
+        stale: Option<Arc<AtomicBool>>,
+        reply: DecodeReply,
+    ) {
+        self.engine.submit(DecodeJob {
+            pcm: pcm.iter().map(|&s| f32::from(s) / 32768.0).collect(),
+            lang: self.lang,
+            kind,
+            alive: Arc::clone(&self.alive),
+            stale,
+            reply,
         });
     }
 
@@ -563,11 +583,6 @@ impl StreamThread {
         }
         true
     }
-}
-
-/// 16-bit samples as Whisper's input, in [-1, 1).
-fn to_f32(pcm: &[i16]) -> Vec<f32> {
-    pcm.iter().map(|&s| f32::from(s) / 32768.0).collect()
 }
 
 #[cfg(test)]

@@ -152,8 +152,8 @@ impl WhisperEngine {
         cv.notify_one();
     }
 
-    /// Counters as JSON: decodes by kind, skipped partials, early finals used and withdrawn, audio decoded and busy time (ms),
-    /// the engine RTF (busy / audio) and the queue depth.
+    /// Counters as JSON: decodes by kind, skipped partials, early finals used and withdrawn,
+    /// audio decoded and busy time (ms), the engine RTF (busy / audio) and the queue depth.
     pub fn stats_json(&self) -> serde_json::Value {
         let s = &self.stats;
         let (audio, busy) = (
@@ -238,12 +238,7 @@ fn worker_loop(
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
-        let skip = !job.alive.load(Ordering::Acquire)
-            || job
-                .stale
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Acquire));
-        if skip {
+        if unwanted(&job.alive, job.stale.as_deref()) {
             if job.kind == DecodeKind::Partial {
                 stats.partials_skipped.fetch_add(1, Ordering::Relaxed);
             }
@@ -324,11 +319,15 @@ thread_local! {
 /// superseded.
 fn abort_requested() -> bool {
     ABORT_ON.with(|a| {
-        a.borrow().as_ref().is_some_and(|(alive, stale)| {
-            !alive.load(Ordering::Acquire)
-                || stale.as_ref().is_some_and(|s| s.load(Ordering::Acquire))
-        })
+        a.borrow()
+            .as_ref()
+            .is_some_and(|(alive, stale)| unwanted(alive, stale.as_deref()))
     })
+}
+
+/// A job's result is no longer wanted: its stream is gone, or a newer result supersedes it.
+fn unwanted(alive: &AtomicBool, stale: Option<&AtomicBool>) -> bool {
+    !alive.load(Ordering::Acquire) || stale.is_some_and(|s| s.load(Ordering::Acquire))
 }
 
 /// Runs one job. A job whose stream ends, or that turns stale while it runs (a partial whose
