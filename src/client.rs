@@ -64,7 +64,7 @@ pub struct Summary {
     pub partials: usize,
     /// Upload retries needed.
     pub retries: u32,
-    /// Every partial and final as it arrived, for `scripts/bench`'s latency and stability
+    /// Every speech start, partial and final as it arrived, for `scripts/bench`'s latency and stability
     /// figures.
     pub timeline: Vec<Arrival>,
 }
@@ -74,7 +74,7 @@ pub struct Summary {
 pub struct Arrival {
     /// From the first chunk's due time (stream time 0 at real-time pace) to its arrival, ms.
     pub at_ms: u64,
-    /// `partial` or `final`.
+    /// `speech_start`, `partial` or `final`.
     pub kind: String,
     /// Sentence index.
     pub sentence: u64,
@@ -337,7 +337,7 @@ async fn follow_events(
         failures = 0;
         let now_ms = started.elapsed().as_millis() as u64;
         for ev in page["events"].as_array().into_iter().flatten() {
-            if let Some(kind @ ("partial" | "final")) = ev["type"].as_str() {
+            if let Some(kind @ ("speech_start" | "partial" | "final")) = ev["type"].as_str() {
                 summary.timeline.push(Arrival {
                     at_ms: now_ms,
                     kind: kind.to_string(),

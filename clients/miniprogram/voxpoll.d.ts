@@ -67,7 +67,8 @@ export interface Word { word: string; start_ms: number; end_ms: number }
 /** One event of the session's log, in `seq` order. */
 export interface VoxpollEvent {
   seq: number
-  type: 'partial' | 'final' | 'warning' | 'error' | 'end'
+  /** `speech_start`: speech opened `sentence` at `start_ms` (no text yet). */
+  type: 'speech_start' | 'partial' | 'final' | 'warning' | 'error' | 'end'
   sentence?: number
   text?: string
   start_ms?: number
@@ -80,11 +81,17 @@ export interface VoxpollEvent {
   reason?: string
   /** `end` only: the finals joined. */
   transcript?: string
+  /** `end` only: what the session used. */
+  usage?: Usage
 }
+
+/** On the `end` event: audio received, audio the finals cover (both ms), the provider. */
+export interface Usage { audio_ms: number; recognized_ms: number; provider: string }
 
 export interface VoxpollError { code: string; message: string; status?: number }
 
 export interface Handlers {
+  onSpeechStart?(ev: VoxpollEvent, session: Session): void
   onPartial?(ev: VoxpollEvent, session: Session): void
   onFinal?(ev: VoxpollEvent, session: Session): void
   onWarning?(ev: VoxpollEvent): void

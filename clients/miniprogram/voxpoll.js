@@ -211,7 +211,8 @@ VoxpollClient.prototype.record = function (sessionOptions, handlers, recorderOpt
 
 /**
  * One recognition session. Events arrive in `seq` order exactly once through the handlers:
- * `onPartial(ev, session)`, `onFinal(ev, session)`, `onWarning(ev)`, `onError(err)` (server
+ * `onSpeechStart(ev, session)` (speech opened sentence `ev.sentence` at `ev.start_ms`, no text
+ * yet), `onPartial(ev, session)`, `onFinal(ev, session)`, `onWarning(ev)`, `onError(err)` (server
  * `error` events and client failures, `{code, message}`), `onEnd(ev)` (`reason`, `transcript`),
  * `onTransport(name)` when the transport is chosen or switched.
  */
@@ -524,6 +525,9 @@ Session.prototype.deliver = function (r) {
 Session.prototype.dispatch = function (ev) {
   var h = this.handlers
   switch (ev.type) {
+    case 'speech_start':
+      if (h.onSpeechStart) h.onSpeechStart(ev, this)
+      break
     case 'partial':
       this.sentences[ev.sentence] = { text: ev.text, final: false }
       if (h.onPartial) h.onPartial(ev, this)

@@ -37,6 +37,14 @@ pub struct SegmenterConfig {
 /// What the segmenter asks its owner to do.
 #[derive(Debug)]
 pub enum Segment {
+    /// An utterance has reached `min_voiced_ms` of speech: it will become a final (a blip
+    /// shorter than that never does and is never announced).
+    Start {
+        /// Utterance index in this stream, from 0.
+        utterance: u32,
+        /// Stream time of the utterance's first sample (its pre-roll included), ms.
+        start_ms: u64,
+    },
     /// A snapshot of the utterance in progress, for a partial result.
     Partial {
         /// Utterance index in this stream, from 0.
@@ -56,6 +64,10 @@ pub enum Segment {
         utterance: u32,
         /// The utterance's samples so far.
         pcm: Vec<i16>,
+        /// Stream time of the first sample, ms.
+        start_ms: u64,
+        /// Stream time of the last sample, ms.
+        end_ms: u64,
     },
     /// Speech resumed after a [`Segment::Tentative`]: that snapshot will not be the final.
     Resumed {
@@ -98,6 +110,8 @@ pub struct Segmenter {
     next_index: u32,
     /// A [`Segment::Tentative`] was offered during the current run of non-speech.
     tentative: bool,
+    /// [`Segment::Start`] was offered for the open utterance.
+    announced: bool,
 }
 
 impl Segmenter {
@@ -119,6 +133,7 @@ impl Segmenter {
             last_voiced: 0,
             next_index: 0,
             tentative: false,
+            announced: false,
         }
     }
 
@@ -169,6 +184,7 @@ impl Segmenter {
                 self.utterance.extend(frame);
                 self.voiced_ms = FRAME_MS;
                 self.silence_run_ms = 0;
+                self.announce(out);
                 self.since_partial_ms = self
                     .cfg
                     .partial_interval_ms
@@ -186,6 +202,7 @@ impl Segmenter {
         if voiced {
             self.voiced_ms += FRAME_MS;
             self.silence_run_ms = 0;
+            self.announce(out);
             if std::mem::take(&mut self.tentative) {
                 out.push(Segment::Resumed {
                     utterance: self.next_index,
@@ -206,6 +223,8 @@ impl Segmenter {
             out.push(Segment::Tentative {
                 utterance: self.next_index,
                 pcm: self.utterance.clone(),
+                start_ms: self.utterance_start * 1000 / u64::from(TARGET_RATE),
+                end_ms: self.position_ms(),
             });
         } else if !self.tentative
             && self.cfg.partial_interval_ms > 0
@@ -218,6 +237,17 @@ impl Segmenter {
                 pcm: self.utterance.clone(),
                 start_ms: self.utterance_start * 1000 / u64::from(TARGET_RATE),
                 end_ms: self.position_ms(),
+            });
+        }
+    }
+
+    /// Offers [`Segment::Start`] once the open utterance has `min_voiced_ms` of speech.
+    fn announce(&mut self, out: &mut Vec<Segment>) {
+        if !self.announced && self.voiced_ms >= self.cfg.min_voiced_ms {
+            self.announced = true;
+            out.push(Segment::Start {
+                utterance: self.next_index,
+                start_ms: self.utterance_start * 1000 / u64::from(TARGET_RATE),
             });
         }
     }
@@ -241,6 +271,7 @@ impl Segmenter {
             self.next_index += 1;
         }
         self.tentative = false;
+        self.announced = false;
         self.voiced_ms = 0;
         self.silence_run_ms = 0;
         self.since_partial_ms = 0;
@@ -313,6 +344,45 @@ mod tests {
     }
 
     #[test]
+    fn an_utterance_is_announced_once_it_has_min_voiced_ms_and_a_blip_never_is() {
+        let mut s = Segmenter::new(cfg());
+        let mut pcm = vec![0i16; 16_000];
+        pcm.extend(voice(150)); // a blip: under min_voiced_ms (300)
+        pcm.extend(vec![0i16; 16_000]);
+        pcm.extend(voice(2000));
+        pcm.extend(vec![0i16; 16_000]);
+        let out = s.push(&pcm);
+        let starts: Vec<(u32, u64, usize)> = out
+            .iter()
+            .enumerate()
+            .filter_map(|(i, x)| match x {
+                Segment::Start {
+                    utterance,
+                    start_ms,
+                } => Some((*utterance, *start_ms, i)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts.len(), 1, "{out:?}");
+        let (utterance, start_ms, at) = starts[0];
+        assert_eq!(utterance, 0);
+        // Before any partial or final of it, with the final's own start.
+        assert!(out[..at]
+            .iter()
+            .all(|x| !matches!(x, Segment::Partial { .. } | Segment::Final { .. })));
+        let Some(Segment::Final {
+            utterance: 0,
+            start_ms: final_start,
+            ..
+        }) = out.iter().find(|x| matches!(x, Segment::Final { .. }))
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(start_ms, *final_start);
+        assert!((1_800..=2_300).contains(&start_ms), "{start_ms}");
+    }
+
+    #[test]
     fn a_pause_offers_a_tentative_final_that_resumed_speech_withdraws() {
         let mut s = Segmenter::new(SegmenterConfig {
             early_final_ms: 150,
@@ -327,8 +397,8 @@ mod tests {
             .push(&pcm)
             .iter()
             .filter_map(|x| match x {
-                Segment::Partial { .. } => None,
-                Segment::Tentative { utterance, pcm } => {
+                Segment::Partial { .. } | Segment::Start { .. } => None,
+                Segment::Tentative { utterance, pcm, .. } => {
                     Some(format!("tentative {utterance} {}", pcm.len() / 16))
                 }
                 Segment::Resumed { utterance } => Some(format!("resumed {utterance}")),

@@ -11,7 +11,8 @@
 //! uploads 429 `backpressure` when full), so one fast uploader cannot fill the shared decode
 //! queue ahead of everybody else.
 
-use super::whisper::{DecodeJob, DecodeKind, DecodeReply, WhisperEngine};
+use super::text::TextOptions;
+use super::whisper::{hotword_prompt, DecodeJob, DecodeKind, DecodeReply, WhisperEngine};
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
     StreamOptions,
@@ -156,6 +157,11 @@ impl Provider for EmbeddedProvider {
         let stream = StreamThread {
             engine,
             lang,
+            hotwords: opts
+                .hotword_list
+                .as_deref()
+                .and_then(|list| hotword_prompt(list, lang)),
+            text: TextOptions::of(opts),
             cfg,
             events: events_tx.clone(),
             self_tx: msg_tx.clone(),
@@ -169,6 +175,7 @@ impl Provider for EmbeddedProvider {
             overdrawn: 0,
             tentative: None,
             awaited: BTreeMap::new(),
+            demoted: None,
             next_tentative: 0,
         };
         // The stream's thread starts with its first input: an open session that sends nothing
@@ -257,6 +264,9 @@ enum Msg {
 struct Tentative {
     id: u64,
     utterance: u32,
+    /// The snapshot's stream times, ms.
+    start_ms: u64,
+    end_ms: u64,
     /// Set when speech resumes: the queued decode is then skipped.
     stale: Arc<AtomicBool>,
     /// The decode's answer, once in.
@@ -267,6 +277,10 @@ struct Tentative {
 struct StreamThread {
     engine: Arc<WhisperEngine>,
     lang: &'static str,
+    /// The session's `hotword_list` as Whisper's prompt.
+    hotwords: Option<Arc<str>>,
+    /// The session's text options, applied to every result.
+    text: TextOptions,
     cfg: SegmenterConfig,
     events: mpsc::Sender<ProviderEvent>,
     self_tx: std_mpsc::Sender<Msg>,
@@ -287,6 +301,9 @@ struct StreamThread {
     tentative: Option<Tentative>,
     /// Confirmed finals whose tentative decode is still running: id → (utterance, start, end).
     awaited: BTreeMap<u64, (u32, u64, u64)>,
+    /// A withdrawn tentative whose decode still runs, standing as the partial in flight: its
+    /// answer is the sentence's text up to the pause (id, utterance, start, end).
+    demoted: Option<(u64, u32, u64, u64)>,
     next_tentative: u64,
 }
 
@@ -334,7 +351,23 @@ impl StreamThread {
     fn handle(&mut self, segs: Vec<Segment>) -> bool {
         for s in segs {
             match s {
-                Segment::Tentative { utterance, pcm } => {
+                Segment::Start {
+                    utterance,
+                    start_ms,
+                } => {
+                    if !self.emit(ProviderEvent::SpeechStart {
+                        sentence: utterance,
+                        start_ms,
+                    }) {
+                        return false;
+                    }
+                }
+                Segment::Tentative {
+                    utterance,
+                    pcm,
+                    start_ms,
+                    end_ms,
+                } => {
                     // A partial of this sentence is worth less than its final now.
                     self.supersede_partial();
                     self.drop_tentative();
@@ -356,11 +389,17 @@ impl StreamThread {
                     self.tentative = Some(Tentative {
                         id,
                         utterance,
+                        start_ms,
+                        end_ms,
                         stale,
                         result: None,
                     });
                 }
-                Segment::Resumed { .. } => self.drop_tentative(),
+                Segment::Resumed { .. } => {
+                    if !self.demote_tentative() {
+                        return false;
+                    }
+                }
                 Segment::Partial {
                     utterance,
                     pcm,
@@ -438,24 +477,62 @@ impl StreamThread {
         }
     }
 
+    /// Takes the open utterance's tentative final out, as withdrawn: its credit comes back.
+    fn withdraw_tentative(&mut self) -> Option<Tentative> {
+        let t = self.tentative.take()?;
+        self.give_credit();
+        self.engine
+            .stats
+            .early_discarded
+            .fetch_add(1, Ordering::Relaxed);
+        Some(t)
+    }
+
     /// Withdraws the open utterance's tentative final: its decode is skipped if still queued,
     /// aborted if running, its answer ignored; its credit comes back.
     fn drop_tentative(&mut self) {
-        if let Some(t) = self.tentative.take() {
-            self.give_credit();
+        if let Some(t) = self.withdraw_tentative() {
             t.stale.store(true, Ordering::Release);
-            self.engine
-                .stats
-                .early_discarded
-                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Speech resumed after a pause: the tentative final will not be the final, but its decode
+    /// is the sentence so far, i.e. a partial. Decoded already: published as one; still
+    /// running: it stands as the partial in flight (superseded like one). Its credit comes back.
+    /// A tentative's decode supersedes the partial in flight, so without this a client would
+    /// see no text at all for a sentence with pauses until its final.
+    fn demote_tentative(&mut self) -> bool {
+        let Some(t) = self.withdraw_tentative() else {
+            return true;
+        };
+        match t.result {
+            Some(result) => self.on_decoded(
+                t.utterance,
+                DecodeKind::Partial,
+                t.start_ms,
+                t.end_ms,
+                result,
+            ),
+            None => {
+                self.partial_in_flight = true;
+                self.partial_stale = t.stale;
+                self.demoted = Some((t.id, t.utterance, t.start_ms, t.end_ms));
+                true
+            }
         }
     }
 
     /// A tentative decode answered: it is the final if that was confirmed meanwhile, kept if
-    /// the utterance is still in its closing silence, ignored if withdrawn.
+    /// the utterance is still in its closing silence, a partial if it was demoted, ignored if
+    /// withdrawn.
     fn on_tentative_decoded(&mut self, id: u64, result: Result<String, String>) -> bool {
         if let Some((utterance, start_ms, end_ms)) = self.awaited.remove(&id) {
             return self.on_decoded(utterance, DecodeKind::Final, start_ms, end_ms, result);
+        }
+        if let Some((_, utterance, start_ms, end_ms)) =
+            self.demoted.take_if(|(demoted, ..)| *demoted == id)
+        {
+            return self.on_decoded(utterance, DecodeKind::Partial, start_ms, end_ms, result);
         }
         if let Some(t) = self.tentative.as_mut().filter(|t| t.id == id) {
             t.result = Some(result);
@@ -501,6 +578,7 @@ impl StreamThread {
             pcm: pcm.iter().map(|&s| f32::from(s) / 32768.0).collect(),
             lang: self.lang,
             kind,
+            hotwords: self.hotwords.clone(),
             alive: Arc::clone(&self.alive),
             stale,
             reply,
@@ -515,6 +593,7 @@ impl StreamThread {
         end_ms: u64,
         result: Result<String, String>,
     ) -> bool {
+        let result = result.map(|t| self.text.apply(&t, self.lang));
         match kind {
             DecodeKind::Partial => {
                 self.partial_in_flight = false;

@@ -14,6 +14,7 @@ pub mod openai;
 pub mod registry;
 pub mod segmented;
 pub mod tencent;
+pub mod text;
 pub mod whisper;
 
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,15 @@ pub struct Recognition {
 /// What a provider stream reports, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderEvent {
+    /// Speech began: sentence `sentence` opened at `start_ms` (stream time, ms); its partials
+    /// and final follow. The embedded and VAD-segmented providers send it when their VAD has
+    /// heard `min_voiced_ms` of speech; Tencent when it answers `slice_type` 0.
+    SpeechStart {
+        /// Sentence index.
+        sentence: u32,
+        /// Stream time where the sentence starts, ms.
+        start_ms: u64,
+    },
     /// The current guess for a sentence; replaced by later partials and its final.
     Partial(Recognition),
     /// The stable text of a sentence.

@@ -9,6 +9,7 @@
 //! whole file.
 
 use super::segmented::{self, UtteranceRecognizer};
+use super::text::TextOptions;
 use super::{
     OneShotAudio, Provider, ProviderError, ProviderStream, Readiness, Recognition, StreamOptions,
 };
@@ -210,7 +211,12 @@ impl Provider for OpenAiProvider {
             _ => (wav_bytes(&audio.pcm)?, "audio.wav".to_string()),
         };
         let answer = self.inner.transcribe(file, opts, false, &|_| {}).await?;
-        Ok(answer.sentences(audio.duration_ms()))
+        let mut sentences = answer.sentences(audio.duration_ms());
+        let (text, lang) = text_options(opts);
+        for s in &mut sentences {
+            s.text = text.apply(&s.text, lang);
+        }
+        Ok(sentences)
     }
 }
 
@@ -230,12 +236,21 @@ impl UtteranceRecognizer for Utterances {
             && self.client.settings.flavor == Flavor::Openai
             && self.opts.partials;
         let file = (wav_bytes(&pcm)?, "utterance.wav".to_string());
+        let (text, lang) = text_options(&self.opts);
+        let on_delta = |delta: String| on_delta(text.apply(&delta, lang));
         let answer = self
             .client
-            .transcribe(file, &self.opts, stream, on_delta)
+            .transcribe(file, &self.opts, stream, &on_delta)
             .await?;
-        Ok(answer.text.trim().to_string())
+        Ok(text.apply(answer.text.trim(), lang))
     }
+}
+
+/// The session's text options and the language they read the text in: OpenAI-compatible
+/// servers have none of Tencent's (shared/providers.md §7), so voxpoll applies them.
+fn text_options(opts: &StreamOptions) -> (TextOptions, &'static str) {
+    let lang = super::embedded::language_for_engine(&opts.engine).unwrap_or("");
+    (TextOptions::of(opts), lang)
 }
 
 /// 16 kHz mono 16-bit WAV of `pcm` (hound).

@@ -62,6 +62,7 @@ pub fn open(
         early_final_ms: 0,
     };
     let span = tracing::Span::current();
+    let start_tx = ev_tx.clone();
     std::thread::Builder::new()
         .name("vad-segmenter".into())
         .spawn(move || {
@@ -75,23 +76,37 @@ pub fn open(
                     ProviderInput::Finish => (seg.finish(), true),
                 };
                 for s in segs {
-                    if let Segment::Final {
-                        utterance,
-                        pcm,
-                        start_ms,
-                        end_ms,
-                        ..
-                    } = s
-                    {
-                        let cut = Cut::Utterance {
+                    let cut = match s {
+                        // At once, not behind the utterances still being recognised.
+                        Segment::Start {
+                            utterance,
+                            start_ms,
+                        } => {
+                            let start = ProviderEvent::SpeechStart {
+                                sentence: utterance,
+                                start_ms,
+                            };
+                            if start_tx.blocking_send(start).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Segment::Final {
+                            utterance,
+                            pcm,
+                            start_ms,
+                            end_ms,
+                            ..
+                        } => Cut::Utterance {
                             index: utterance,
                             pcm,
                             start_ms,
                             end_ms,
-                        };
-                        if cut_tx.send(cut).is_err() {
-                            return;
-                        }
+                        },
+                        _ => continue,
+                    };
+                    if cut_tx.send(cut).is_err() {
+                        return;
                     }
                 }
                 if last {

@@ -45,6 +45,9 @@ pub struct DecodeJob {
     pub lang: &'static str,
     /// Priority class.
     pub kind: DecodeKind,
+    /// Hot words the decode is steered towards (Whisper's initial prompt after the language's
+    /// own; see [`hotword_prompt`]), or `None`.
+    pub hotwords: Option<Arc<str>>,
     /// Cleared when the stream ends or is cancelled: the job is then skipped.
     pub alive: Arc<AtomicBool>,
     /// Set when a newer result supersedes this one (partials only): the job is then skipped.
@@ -360,8 +363,9 @@ fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<S
     if kind == DecodeKind::Partial {
         p.set_temperature_inc(0.0);
     }
-    if lang == "zh" {
-        p.set_initial_prompt(ZH_PROMPT);
+    let prompt = initial_prompt(lang, job.hotwords.as_deref());
+    if !prompt.is_empty() {
+        p.set_initial_prompt(&prompt);
     }
     // whisper-rs 0.16's `set_abort_callback_safe` hands whisper.cpp a pointer to a boxed
     // `dyn FnMut` but calls it as the closure's own type, so only a closure without captures
@@ -376,8 +380,63 @@ fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<S
     for seg in state.as_iter() {
         text.push_str(&seg.to_str_lossy().map_err(|e| e.to_string())?);
     }
-    let text = clean_text(&text, lang);
+    let mut text = clean_text(&text, lang);
+    if let Some(words) = job.hotwords.as_deref() {
+        // The prompt leaked: Whisper repeats it over silence.
+        let bare = text.trim_end_matches(['。', '.']);
+        if bare == words || bare == prompt.trim_end_matches(['。', '.']) {
+            text.clear();
+        }
+    }
     Ok(cut_repetition(&text))
+}
+
+/// Longest hot-word prompt, characters: Whisper keeps at most half its 448-token text context
+/// for the prompt, and a long prompt slows every decode.
+pub const MAX_HOTWORD_PROMPT_CHARS: usize = 120;
+
+/// Whisper's initial prompt for a Tencent `hotword_list` ("word|weight,word|weight", already
+/// validated): its words, heaviest first, joined by the language's list mark, up to
+/// [`MAX_HOTWORD_PROMPT_CHARS`]. Whisper has no hot-word biasing of its own; a prompt that names
+/// the words makes the decoder prefer them (their spelling, their script). `None` when there
+/// are no words.
+pub fn hotword_prompt(list: &str, lang: &str) -> Option<Arc<str>> {
+    let mut words: Vec<(u32, &str)> = list
+        .split(',')
+        .filter_map(|item| {
+            let (word, weight) = item.split_once('|').unwrap_or((item, "10"));
+            let word = word.trim();
+            (!word.is_empty()).then(|| (weight.trim().parse().unwrap_or(10), word))
+        })
+        .collect();
+    words.sort_by_key(|w| std::cmp::Reverse(w.0));
+    let sep = if lang == "zh" { "、" } else { ", " };
+    let mut prompt = String::new();
+    for (_, word) in words {
+        if prompt.chars().count() + word.chars().count() + 2 > MAX_HOTWORD_PROMPT_CHARS {
+            break;
+        }
+        if !prompt.is_empty() {
+            prompt.push_str(sep);
+        }
+        prompt.push_str(word);
+    }
+    (!prompt.is_empty()).then(|| Arc::from(prompt.as_str()))
+}
+
+/// The initial prompt of a decode: the language's own (Mandarin: [`ZH_PROMPT`]) then the hot
+/// words, if any.
+fn initial_prompt(lang: &str, hotwords: Option<&str>) -> String {
+    let mut prompt = if lang == "zh" {
+        ZH_PROMPT.to_string()
+    } else {
+        String::new()
+    };
+    if let Some(words) = hotwords {
+        prompt.push_str(words);
+        prompt.push(if lang == "zh" { '。' } else { '.' });
+    }
+    prompt
 }
 
 /// Post-processing of Whisper's text: trims, drops bracketed non-speech tags ("[Music]",
@@ -463,6 +522,24 @@ mod tests {
         assert_eq!(threads_for(1, 2, 3), 1);
         assert_eq!(threads_for(3, 2, 1), 3);
         assert_eq!(threads_for(1, 8, 3), 2);
+    }
+
+    #[test]
+    fn hot_words_become_a_prompt_heaviest_first() {
+        let p = hotword_prompt("腾讯云|10,小程序|11, 语音|5", "zh").unwrap();
+        assert_eq!(&*p, "小程序、腾讯云、语音");
+        assert_eq!(
+            initial_prompt("zh", Some(&p)),
+            "以下是普通话的句子。小程序、腾讯云、语音。"
+        );
+        assert_eq!(initial_prompt("zh", None), ZH_PROMPT);
+        assert_eq!(initial_prompt("en", None), "");
+        let en = hotword_prompt("Dashwood|11,Norland", "en").unwrap();
+        assert_eq!(initial_prompt("en", Some(&en)), "Dashwood, Norland.");
+        assert_eq!(hotword_prompt(" , ", "en"), None);
+        let long = vec!["很长的热词"; 100].join(",");
+        let p = hotword_prompt(&long, "zh").unwrap();
+        assert!(p.chars().count() <= MAX_HOTWORD_PROMPT_CHARS, "{p}");
     }
 
     #[test]

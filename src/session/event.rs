@@ -8,6 +8,9 @@ use std::collections::VecDeque;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
+    /// Speech began: a sentence opened at `start_ms` (no text yet).
+    #[serde(rename = "speech_start")]
+    SpeechStart,
     /// Current guess for a sentence.
     Partial,
     /// Stable text of a sentence.
@@ -82,6 +85,37 @@ pub struct Event {
     /// `end` only: the full transcript.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub transcript: Option<String>,
+    /// `end` only: what the session used.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub usage: Option<Usage>,
+}
+
+/// What a session used, on its `end` event: the basis for a bill or a quota (Tencent bills
+/// real-time ASR by audio duration; OpenAI's transcription API reports `usage.seconds`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Audio received (decoded to 16 kHz mono), ms.
+    pub audio_ms: u64,
+    /// Audio the final sentences cover (sum of their `end_ms - start_ms`), ms: speech, as
+    /// opposed to the silence around it.
+    pub recognized_ms: u64,
+    /// The provider that recognised it (`embedded`, `tencent`, ...).
+    pub provider: String,
+}
+
+impl Usage {
+    /// The usage of `audio_ms` of audio whose final sentences span `finals` ((start_ms,
+    /// end_ms) each), recognised by `provider`.
+    pub fn of(audio_ms: u64, finals: impl IntoIterator<Item = (u64, u64)>, provider: &str) -> Self {
+        Self {
+            audio_ms,
+            recognized_ms: finals
+                .into_iter()
+                .map(|(start, end)| end.saturating_sub(start))
+                .sum(),
+            provider: provider.to_string(),
+        }
+    }
 }
 
 impl Event {
@@ -100,6 +134,7 @@ impl Event {
             provider_code: None,
             reason: None,
             transcript: None,
+            usage: None,
         }
     }
 
@@ -136,9 +171,9 @@ impl Event {
 }
 
 /// The ordered log of one session. Superseded partials are coalesced: when a partial or final
-/// for sentence S is appended, the earlier partial of S still in the log is dropped, so a
-/// backlog never carries more than one partial per sentence. Finals, warnings, errors and the
-/// end event are never dropped.
+/// for sentence S is appended, the earlier partial of S still in the log is dropped, and a
+/// final drops S's `speech_start` too, so a backlog carries at most a start and one partial
+/// per open sentence. Finals, warnings, errors and the end event are never dropped.
 #[derive(Debug, Default)]
 pub struct EventLog {
     events: VecDeque<Event>,
@@ -153,10 +188,16 @@ impl EventLog {
 
     /// Appends `ev`, assigning its seq; returns that seq.
     pub fn append(&mut self, mut ev: Event) -> u64 {
-        if matches!(ev.kind, EventKind::Partial | EventKind::Final) {
-            let sentence = ev.sentence;
-            self.events
-                .retain(|e| !(e.kind == EventKind::Partial && e.sentence == sentence));
+        let sentence = ev.sentence;
+        match ev.kind {
+            EventKind::Partial => self
+                .events
+                .retain(|e| !(e.kind == EventKind::Partial && e.sentence == sentence)),
+            EventKind::Final => self.events.retain(|e| {
+                !(matches!(e.kind, EventKind::Partial | EventKind::SpeechStart)
+                    && e.sentence == sentence)
+            }),
+            _ => {}
         }
         self.last_seq += 1;
         ev.seq = self.last_seq;
@@ -221,9 +262,13 @@ mod tests {
     #[test]
     fn superseded_partials_are_coalesced_and_finals_kept() {
         let mut log = EventLog::default();
+        log.append(ev(EventKind::SpeechStart, 0, ""));
         log.append(ev(EventKind::Partial, 0, "he"));
         log.append(ev(EventKind::Partial, 0, "hello"));
+        // A partial keeps its sentence's start; the final drops both.
+        assert_eq!(log.len(), 2);
         log.append(ev(EventKind::Final, 0, "hello world"));
+        log.append(ev(EventKind::SpeechStart, 1, ""));
         log.append(ev(EventKind::Partial, 1, "ag"));
         let all = log.after(0, 100);
         let kinds: Vec<_> = all
@@ -233,13 +278,14 @@ mod tests {
         assert_eq!(
             kinds,
             vec![
-                (3, EventKind::Final, "hello world"),
-                (4, EventKind::Partial, "ag")
+                (4, EventKind::Final, "hello world"),
+                (5, EventKind::SpeechStart, ""),
+                (6, EventKind::Partial, "ag")
             ]
         );
-        assert_eq!(log.after(3, 100).len(), 1);
-        assert_eq!(log.after(4, 100).len(), 0);
-        assert_eq!(log.last_seq(), 4);
+        assert_eq!(log.after(4, 100).len(), 2);
+        assert_eq!(log.after(6, 100).len(), 0);
+        assert_eq!(log.last_seq(), 6);
     }
 
     #[test]

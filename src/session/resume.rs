@@ -6,7 +6,7 @@
 //! stream that gets the audio from the end of the last final sentence replayed. Only partials
 //! that were superseded or not yet finalised can be gone, and the new `epoch` says so.
 
-use super::event::{EndReason, Event, EventKind, EventLog};
+use super::event::{EndReason, Event, EventKind, EventLog, Usage};
 use super::ingest::Ingest;
 use super::state::{RateLimit, Session, State, Status};
 use super::stored::{events_after, stored, Finals};
@@ -66,6 +66,9 @@ impl SessionManager {
         end.seq = max_seq + 2;
         end.reason = Some(EndReason::Failed);
         end.transcript = Some(rec.transcript.clone());
+        let finals = Finals::of(&events_after(&*self.inner.store, &rec.id, 0).await?);
+        let spans = finals.sentences.values().map(|s| (s.start_ms, s.end_ms));
+        end.usage = Some(Usage::of(rec.audio_ms, spans, &rec.provider));
         let progress = SessionProgress {
             status: EndReason::Failed.status().into(),
             acked_seq: rec.acked_seq,

@@ -3,7 +3,7 @@
 //! event seq and subscribe before they read, so no wake-up is lost.
 
 use super::error::SessionError;
-use super::event::{EndReason, Event, EventKind, EventLog};
+use super::event::{EndReason, Event, EventKind, EventLog, Usage};
 use super::ingest::Ingest;
 use super::options::SessionLimits;
 use super::view::{PollResult, Sentence};
@@ -245,6 +245,13 @@ impl Session {
         rec
     }
 
+    /// What the session used so far: audio received, audio its finals cover, its provider.
+    pub(super) fn usage(&self) -> Usage {
+        let st = self.lock();
+        let spans = st.finals.values().map(|s| (s.start_ms, s.end_ms));
+        Usage::of(st.audio_ms, spans, &self.rec.provider)
+    }
+
     /// The progress row as it stands now; with `end`, as the session ends for that reason.
     pub(super) fn progress(&self, end: Option<EndReason>) -> SessionProgress {
         let rec = self.record(&self.lock());
@@ -264,7 +271,8 @@ impl Session {
     pub(super) fn push_event(&self, ev: Event, publish: bool) -> Option<Event> {
         let mut st = self.lock();
         match ev.kind {
-            EventKind::Partial => {
+            // A sentence announced or guessed at gets its final even when that is empty.
+            EventKind::Partial | EventKind::SpeechStart => {
                 st.partial_shown.insert(ev.sentence);
             }
             EventKind::Final => {

@@ -18,7 +18,9 @@ use super::state::{Session, Status};
 use super::stored::stored;
 use super::timeline::Timeline;
 use crate::audio::Decoder;
-use crate::provider::{Provider, ProviderEvent, ProviderInput, ProviderStream, StreamOptions};
+use crate::provider::{
+    Provider, ProviderEvent, ProviderInput, ProviderStream, Recognition, StreamOptions,
+};
 use crate::store::{SessionProgress, SessionStore, StoreError};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -513,6 +515,17 @@ impl Worker {
     async fn on_event(&mut self, ev: ProviderEvent) {
         self.observe(&ev);
         match ev {
+            ProviderEvent::SpeechStart { sentence, start_ms } => {
+                let r = self.replay.map(Recognition {
+                    sentence,
+                    text: String::new(),
+                    start_ms,
+                    end_ms: start_ms,
+                    words: None,
+                });
+                self.push(Event::recognition(EventKind::SpeechStart, r))
+                    .await;
+            }
             ProviderEvent::Partial(r) => {
                 let r = self.replay.map(r);
                 self.push(Event::recognition(EventKind::Partial, r)).await;
@@ -576,7 +589,9 @@ impl Worker {
                 metrics::counter!(crate::metrics::PROVIDER_ERRORS, "provider" => provider, "code" => code.clone())
                     .increment(1);
             }
-            ProviderEvent::Warning { .. } | ProviderEvent::Done => {}
+            ProviderEvent::SpeechStart { .. }
+            | ProviderEvent::Warning { .. }
+            | ProviderEvent::Done => {}
         }
     }
 
@@ -605,7 +620,7 @@ impl Worker {
         // Shared sessions store partials too: other replicas serve polls from the store.
         let durable = match ev.kind {
             EventKind::End => false,
-            EventKind::Partial => self.ctx.shared.is_some(),
+            EventKind::Partial | EventKind::SpeechStart => self.ctx.shared.is_some(),
             _ => true,
         };
         let appended = self.s.push_event(ev, !durable)?;
@@ -666,6 +681,7 @@ impl Worker {
         end.reason = Some(reason);
         end.transcript = Some(progress.transcript.clone());
         end.end_ms = progress.audio_ms;
+        end.usage = Some(self.s.usage());
         let Some(end) = self.s.push_event(end, false) else {
             return;
         };

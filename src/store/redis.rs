@@ -40,8 +40,9 @@ pub const EVENTS_CHANNEL: &str = "voxpoll:ev";
 ///   transcript, end_reason or "", at_ms); a status never goes back (see
 ///   `sqlite::write_progress`).
 /// - `event(e, p, seq, json)`: stores an event once per seq; a partial or final of sentence k
-///   replaces the partial of k stored before (as `EventLog::append` coalesces them in memory),
-///   so the stored log never holds more than one partial per sentence.
+///   replaces the partial of k stored before, and a final also drops k's `speech_start` (as
+///   `EventLog::append` coalesces them in memory), so the stored log never holds more than one
+///   partial per sentence. `p` maps `k` to the seq of k's partial and `s<k>` to its start.
 const PROGRESS_LUA: &str = r"
 local function fenced(key, fence)
   if fence == nil or fence == '' or fence == '0' then return false end
@@ -62,11 +63,17 @@ end
 local function event(key, pkey, seq, json)
   if redis.call('ZCOUNT', key, seq, seq) ~= 0 then return end
   local ok, ev = pcall(cjson.decode, json)
-  if ok and type(ev) == 'table' and (ev.type == 'partial' or ev.type == 'final') then
+  if ok and type(ev) == 'table' then
     local sentence = tostring(ev.sentence)
-    local old = redis.call('HGET', pkey, sentence)
-    if old then redis.call('ZREMRANGEBYSCORE', key, old, old) redis.call('HDEL', pkey, sentence) end
+    local drop = {}
+    if ev.type == 'partial' or ev.type == 'final' then drop[#drop + 1] = sentence end
+    if ev.type == 'final' then drop[#drop + 1] = 's' .. sentence end
+    for _, field in ipairs(drop) do
+      local old = redis.call('HGET', pkey, field)
+      if old then redis.call('ZREMRANGEBYSCORE', key, old, old) redis.call('HDEL', pkey, field) end
+    end
     if ev.type == 'partial' then redis.call('HSET', pkey, sentence, seq) end
+    if ev.type == 'speech_start' then redis.call('HSET', pkey, 's' .. sentence, seq) end
   end
   redis.call('ZADD', key, seq, json)
 end

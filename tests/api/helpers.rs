@@ -118,12 +118,21 @@ pub async fn spawn_app_with_providers(
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    start(dir, providers, tweak).await
+    start(dir, providers, Some(engine()), tweak).await
+}
+
+/// Starts a server with an engine of its own, loaded from the model with the decode settings
+/// `tweak` leaves (e.g. one decode worker): for tests whose bounds depend on what else the
+/// engine is decoding, which the shared engine mixes with every other test's decodes.
+pub async fn spawn_app_with_own_engine(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    start(dir, Vec::new(), None, tweak).await
 }
 
 async fn start(
     dir: Arc<tempfile::TempDir>,
     mut providers: Vec<Arc<dyn Provider>>,
+    engine: Option<Arc<WhisperEngine>>,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
     let extra = providers.clone();
@@ -140,10 +149,9 @@ async fn start(
     };
     tweak(&mut config);
     let shutdown = CancellationToken::new();
-    let state =
-        voxpoll::app::build_with_providers(config, Some(engine()), providers, shutdown.clone())
-            .await
-            .expect("build app");
+    let state = voxpoll::app::build_with_providers(config, engine, providers, shutdown.clone())
+        .await
+        .expect("build app");
     let listener = voxpoll::app::bind(([127, 0, 0, 1], 0).into()).expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let handle = tokio::spawn(voxpoll::app::run(listener, state, shutdown.clone()));
@@ -195,7 +203,13 @@ impl TestApp {
     /// Shuts down and starts a new server on the same database file.
     pub async fn restart(mut self) -> TestApp {
         self.shutdown().await;
-        start(Arc::clone(&self.dir), self.providers.clone(), |_| {}).await
+        start(
+            Arc::clone(&self.dir),
+            self.providers.clone(),
+            Some(engine()),
+            |_| {},
+        )
+        .await
     }
 
     pub async fn create(&self, body: Value) -> TestSession {
@@ -316,6 +330,27 @@ impl TestApp {
                 }
                 if page["done"] == true {
                     return None;
+                }
+                cursor = page["next_cursor"].as_u64().expect("cursor");
+            }
+        })
+    }
+
+    /// Every event of the session as the long-poll delivers it, in order, until its end.
+    pub fn events_in_background(&self, s: &TestSession) -> tokio::task::JoinHandle<Vec<Value>> {
+        let (http, url, id, token) = (
+            self.http.clone(),
+            self.url.clone(),
+            s.id.clone(),
+            s.token.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut cursor, mut seen) = (0, Vec::new());
+            loop {
+                let page = events_page(&http, &url, &id, &token, cursor).await;
+                seen.extend(page["events"].as_array().expect("events").iter().cloned());
+                if page["done"] == true {
+                    return seen;
                 }
                 cursor = page["next_cursor"].as_u64().expect("cursor");
             }

@@ -132,6 +132,123 @@ async fn partials_arrive_before_the_last_chunk_is_sent() {
     assert!(events.iter().any(|e| e["type"] == "final"));
 }
 
+#[tokio::test]
+async fn speech_start_opens_each_sentence_before_its_text_and_the_end_reports_usage() {
+    let app = spawn_app().await;
+    let (pcm, _) = english_corpus().remove(0); // 7.1 s
+    let s = app.create(json!({"engine": "16k_en"})).await;
+    let seen = app.events_in_background(&s);
+    app.stream_pcm(&s, &pcm, 200, true).await;
+    let seen = seen.await.unwrap();
+    let finals: Vec<&Value> = seen.iter().filter(|e| e["type"] == "final").collect();
+    assert!(!finals.is_empty(), "{seen:?}");
+    // A final drops its sentence's start from the log, a partial does not: a client that saw
+    // a partial saw the start before it. At real-time pace with a waiting poll, every start.
+    let mut sentences_with_text = 0;
+    for f in &finals {
+        let k = &f["sentence"];
+        let of_k = |kind: &str| {
+            seen.iter()
+                .position(|e| e["type"] == kind && &e["sentence"] == k)
+        };
+        let start = of_k("speech_start").unwrap_or_else(|| panic!("no start of {k}: {seen:?}"));
+        assert_eq!(seen[start]["start_ms"], f["start_ms"], "{seen:?}");
+        assert_eq!(seen[start]["text"], "");
+        if let Some(partial) = of_k("partial") {
+            assert!(start < partial, "{seen:?}");
+        }
+        sentences_with_text += usize::from(f["text"] != "");
+    }
+    assert!(sentences_with_text > 0);
+    let end = seen.last().unwrap();
+    assert_eq!(end["type"], "end");
+    let usage = &end["usage"];
+    assert_eq!(usage["provider"], "embedded", "{end}");
+    assert_eq!(usage["audio_ms"], (pcm.len() / 16) as u64, "{end}");
+    let spans: u64 = finals
+        .iter()
+        .map(|f| f["end_ms"].as_u64().unwrap() - f["start_ms"].as_u64().unwrap())
+        .sum();
+    assert_eq!(usage["recognized_ms"], spans, "{end}");
+    assert!(spans > 1_000 && spans < (pcm.len() / 16) as u64, "{end}");
+}
+
+#[tokio::test]
+async fn text_options_apply_to_every_result_of_the_embedded_engine() {
+    use voxpoll::provider::text::TextOptions;
+    let app = spawn_app().await;
+    let corpus = mandarin_corpus();
+    // 01: "今天天气很好，我们去公园散步吧。" (a comma, a final particle, a full stop).
+    let (pcm, _) = &corpus[0];
+    let plain = app.create(json!({"engine": "16k_zh"})).await;
+    let plain = app.stream_pcm(&plain, pcm, 200, false).await;
+    let opts =
+        json!({"engine": "16k_zh", "filter_punc": 2, "filter_modal": 2, "convert_num_mode": 0});
+    let filtered = app.create(opts).await;
+    let filtered = app.stream_pcm(&filtered, pcm, 200, false).await;
+    let rules = TextOptions {
+        filter_punc: 2,
+        filter_modal: 2,
+        convert_num_mode: Some(0),
+    };
+    let (raw, got) = (transcript(&plain), transcript(&filtered));
+    assert!(raw.contains('，') || raw.contains('。'), "{raw}");
+    // The same audio decodes to the same text; the options are the only difference.
+    assert_eq!(got, rules.apply(&raw, "zh"), "{plain:?}\n{filtered:?}");
+    for e in filtered
+        .iter()
+        .filter(|e| e["type"] == "partial" || e["type"] == "final")
+    {
+        let text = e["text"].as_str().unwrap();
+        assert!(
+            !text.contains(['，', '。', ',', '.']) && !text.ends_with('吧'),
+            "{e}"
+        );
+    }
+    // One-shot takes them too: 03 "明天上午九点在会议室开会。" without its full stop.
+    let wav = std::fs::read(root().join("tests/fixtures/zh/03.wav")).unwrap();
+    let answer: Value = app
+        .http
+        .post(format!(
+            "{}/v1/recognize?engine=16k_zh&filter_punc=1",
+            app.url
+        ))
+        .header("content-type", "audio/wav")
+        .body(wav)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = answer["text"].as_str().unwrap();
+    assert!(text.contains("明天上午") && !text.ends_with('。'), "{answer}");
+}
+
+#[tokio::test]
+async fn hot_words_keep_the_transcript_and_never_leak_into_text() {
+    let app = spawn_app().await;
+    let (pcm, reference) = mandarin_corpus().remove(4); // 我想订一张去北京的火车票。
+    let s = app
+        .create(json!({"engine": "16k_zh", "hotword_list": "火车票|11,北京|10"}))
+        .await;
+    let hyp = transcript(&app.stream_pcm(&s, &pcm, 200, false).await);
+    let e = edit_distance(&zh_chars(&reference), &zh_chars(&hyp));
+    assert!(hyp.contains("火车票") && e <= 1, "{hyp} vs {reference}");
+    // Over silence and noise Whisper tends to repeat its prompt: that is no text.
+    let mut quiet = vec![0i16; 16_000 * 3];
+    let mut x: u32 = 7;
+    quiet.extend((0..16_000 * 2).map(|_| {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        ((x >> 16) as i16) / 64
+    }));
+    let s = app
+        .create(json!({"engine": "16k_zh", "hotword_list": "火车票|11,北京|10"}))
+        .await;
+    let events = app.stream_pcm(&s, &quiet, 200, false).await;
+    assert_eq!(transcript(&events), "", "{events:?}");
+}
+
 /// `pcm` cut to its speech (30 ms frames within 20 dB of the loudest), with 50 ms either side.
 fn trim_to_speech(pcm: &[i16]) -> &[i16] {
     let rms: Vec<f64> = pcm
@@ -204,9 +321,18 @@ async fn silence_and_noise_give_no_text() {
             let events = app.stream_pcm(&s, &pcm, 200, false).await;
             let texts: Vec<&Value> = events
                 .iter()
-                .filter(|e| e["type"] == "partial" || e["type"] == "final")
+                .filter(|e| e["text"].as_str().is_some_and(|t| !t.is_empty()))
                 .collect();
             assert!(texts.is_empty(), "{name} ({engine}) gave text: {texts:?}");
+            // Noise the VAD takes for speech opens a sentence; its final (empty) closes it.
+            for start in events.iter().filter(|e| e["type"] == "speech_start") {
+                assert!(
+                    events.iter().any(|e| e["type"] == "final"
+                        && e["sentence"] == start["sentence"]
+                        && e["text"] == ""),
+                    "{name} ({engine}): {start} was never closed: {events:?}"
+                );
+            }
             assert_eq!(transcript(&events), "");
             assert_eq!(events.last().unwrap()["reason"], "finished");
         }
@@ -262,7 +388,9 @@ async fn wav_sessions_at_other_rates_are_resampled() {
 
 #[tokio::test]
 async fn a_fast_uploader_does_not_starve_another_session() {
-    let app = spawn_app().await;
+    // Its own engine with one decode worker: the bound below counts decodes, and the shared
+    // engine would mix in other tests' decodes and a second worker's (a timing, not a bound).
+    let app = spawn_app_with_own_engine(|c| c.decode_workers = 1).await;
     let corpus = english_corpus();
     // Session A: fifteen utterances (the corpus three times, 1.2 s pauses), uploaded as fast as
     // the server accepts them: far faster than the engine decodes.
@@ -304,7 +432,10 @@ async fn a_fast_uploader_does_not_starve_another_session() {
     assert_eq!(a_finals.len(), finals(&a_events));
     assert!(finals(&b_events) >= 1, "B: its sentence: {b_events:?}");
     // Between B's last chunk and B's end, A's finals ahead of B's are the ones A had pending
-    // (at most 2 per stream) plus what the other decode worker finishes meanwhile.
+    // when B's final was queued (at most MAX_PENDING_FINALS = 2, the running one included),
+    // plus at most one A finished between B's last chunk and B's final being queued, and one
+    // decoded just before B's last chunk but seen by A's client after it. Without the
+    // per-stream cap, A's whole backlog (15 sentences) would be ahead.
     let ahead = a_finals
         .iter()
         .filter(|&&t| t > b_last_at && t <= b_end)

@@ -44,6 +44,7 @@
     var opts = { engine: $('engine').value, provider: $('provider').value || undefined }
     return client.record(opts, {
       onTransport: function (name) { state.transport = name; setStatus(state.phase) },
+      onSpeechStart: function () { setStatus('recording', 'hearing speech…') },
       onPartial: function (ev, s) {
         if (state.firstPartialMs === null) state.firstPartialMs = Date.now() - state.startedAt
         render(s)
@@ -56,7 +57,8 @@
         $('start').disabled = false
         $('stop').disabled = true
         state.text = ev.transcript || state.text
-        setStatus('ended', 'reason: ' + ev.reason)
+        var used = ev.usage ? ' · audio ' + ev.usage.audio_ms + ' ms, speech ' + ev.usage.recognized_ms + ' ms' : ''
+        setStatus('ended', 'reason: ' + ev.reason + used)
         loadHistory()
       }
     }).then(function (s) { session = s; setStatus('recording') }, function (err) {

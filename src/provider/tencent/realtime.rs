@@ -544,6 +544,13 @@ impl Upstream {
             return true;
         }
         if let Some((slice_type, rec)) = msg.result {
+            if slice_type == 0 {
+                self.emit(ProviderEvent::SpeechStart {
+                    sentence: rec.sentence,
+                    start_ms: rec.start_ms,
+                })
+                .await;
+            }
             match slice_type {
                 2 => self.emit(ProviderEvent::Final(rec)).await,
                 _ if self.opts.partials && !rec.text.is_empty() => {
