@@ -142,10 +142,10 @@ pub struct Config {
     #[arg(long, env = "VOXPOLL_VAD_SILENCE_MS", default_value_t = defaults::VAD_SILENCE_MS)]
     pub vad_silence_ms: u64,
 
-    /// Non-speech after which the embedded engine starts decoding a sentence's final, in ms: the
-    /// final is published the moment `vad_silence_ms` confirms the end, or dropped if speech
-    /// resumes first (0, the default: decode only once the end is confirmed). Experimental:
-    /// with it on, a replica draining on SIGTERM can hang in the Redis handoff (README).
+    /// Non-speech after which the embedded engine starts decoding a sentence's final, in ms:
+    /// its text is published at once as the sentence's partial, and as its final the moment
+    /// `vad_silence_ms` confirms the end; if speech resumes first it stays a partial and the
+    /// sentence goes on (0: decode the final only once the end is confirmed).
     #[arg(long, env = "VOXPOLL_EARLY_FINAL_MS", default_value_t = defaults::EARLY_FINAL_MS)]
     pub early_final_ms: u64,
 
@@ -297,7 +297,7 @@ mod defaults {
     pub const PARTIAL_INTERVAL_MS: u64 = 1000;
     pub const FIRST_PARTIAL_MS: u64 = 500;
     pub const VAD_SILENCE_MS: u64 = 600;
-    pub const EARLY_FINAL_MS: u64 = 0;
+    pub const EARLY_FINAL_MS: u64 = 150;
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     pub const MAX_UPLOAD_BYTES: u64 = 10 * 1024 * 1024;
     pub const MAX_RECOGNIZE_AUDIO_MS: u64 = 600_000;

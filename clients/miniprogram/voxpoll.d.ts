@@ -126,6 +126,12 @@ export declare class Session {
   push(buffer: ArrayBuffer | null, isLast?: boolean): void
   /** Ends the audio (stops the recorder); the last sentence lands in onFinal/onEnd. */
   finish(): void
+  /**
+   * Ends the current sentence after the audio pushed so far without ending the session (its
+   * final arrives at once); `after_seq` is null when nothing was pushed yet; null after
+   * `onError` when the server refused it.
+   */
+  finalize(): Promise<{ after_seq: number | null } | null>
   /** Cancels the session; onEnd fires with reason `cancelled`. */
   cancel(): void
   pause(): void

@@ -332,6 +332,24 @@ Session.prototype.finish = function () {
   this.push(null, true)
 }
 
+/**
+ * Ends the current sentence after the audio pushed so far, without ending the session (a
+ * push-to-talk release, a "send" button): its final arrives at once instead of after the
+ * server's silence timeout. Resolves with `{after_seq}` (`null` when nothing was pushed yet), or
+ * with null after `onError` when the server refused it.
+ */
+Session.prototype.finalize = function () {
+  if (this.done || this.lastQueued) return Promise.resolve({ after_seq: null })
+  if (this.nextSeq === 0) return Promise.resolve({ after_seq: null })
+  var self = this
+  var path = '/v1/sessions/' + this.id + '/finalize?seq=' + (this.nextSeq - 1)
+  return this.client.callWithRetry('POST', path, undefined, { header: this.authHeader() })
+    .then(function (r) { return parseBody(r.data) }, function (err) {
+      self.emitError({ code: err.code, message: err.message, status: err.status })
+      return null
+    })
+}
+
 /** Cancels the session (`DELETE`); `onEnd` fires with reason `cancelled`. */
 Session.prototype.cancel = function () {
   var self = this

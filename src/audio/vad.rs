@@ -167,6 +167,15 @@ impl Segmenter {
         out
     }
 
+    /// Ends the open utterance here, as its closing silence would (a client's finalize): a
+    /// [`Segment::Final`] if it has `min_voiced_ms` of speech, else nothing. The stream goes on;
+    /// the next speech opens the next utterance.
+    pub fn cut(&mut self) -> Vec<Segment> {
+        let mut out = Vec::new();
+        self.close_utterance(&mut out);
+        out
+    }
+
     fn on_frame(&mut self, frame: Vec<i16>, out: &mut Vec<Segment>) {
         let voiced = self.vad.is_voice_segment(&frame).unwrap_or(false);
         let frame_start = self.samples;
@@ -380,6 +389,32 @@ mod tests {
         };
         assert_eq!(start_ms, *final_start);
         assert!((1_800..=2_300).contains(&start_ms), "{start_ms}");
+    }
+
+    #[test]
+    fn a_cut_ends_the_utterance_mid_speech_and_the_next_speech_opens_another() {
+        let mut s = Segmenter::new(cfg());
+        let mut out = s.push(&voice(1000));
+        out.extend(s.cut());
+        out.extend(s.cut()); // nothing open: nothing
+        out.extend(s.push(&voice(1000)));
+        out.extend(s.finish());
+        let finals: Vec<(u32, u64, u64)> = out
+            .iter()
+            .filter_map(|x| match x {
+                Segment::Final {
+                    utterance,
+                    start_ms,
+                    end_ms,
+                    ..
+                } => Some((*utterance, *start_ms, *end_ms)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(finals.len(), 2, "{out:?}");
+        assert_eq!(finals[0].0, 0);
+        assert_eq!(finals[1].0, 1);
+        assert!(finals[0].2 <= 1_000 && finals[1].1 >= 990, "{finals:?}");
     }
 
     #[test]

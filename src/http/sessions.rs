@@ -18,6 +18,12 @@ struct AudioQuery {
     after: Option<u64>,
 }
 
+/// Query of `POST /v1/sessions/{id}/finalize`.
+#[derive(Debug, Deserialize)]
+struct FinalizeQuery {
+    seq: Option<u64>,
+}
+
 /// Query of `GET /v1/sessions/{id}/events`.
 #[derive(Debug, Deserialize)]
 struct EventsQuery {
@@ -82,6 +88,14 @@ pub(super) fn routes(
         .then(finish_session)
         .map(respond);
 
+    // POST /v1/sessions/{id}/finalize[?seq=N]
+    let finalize =
+        session_ref(warp::path!("v1" / "sessions" / String / "finalize").and(warp::post()))
+            .and(warp::query::<FinalizeQuery>())
+            .and(with_state(state.clone()))
+            .then(finalize_sentence)
+            .map(respond);
+
     // GET /v1/sessions/{id}
     let get = session_ref(warp::path!("v1" / "sessions" / String).and(warp::get()))
         .and(with_state(state.clone()))
@@ -100,6 +114,8 @@ pub(super) fn routes(
         .or(events)
         .unify()
         .or(finish)
+        .unify()
+        .or(finalize)
         .unify()
         .or(get)
         .unify()
@@ -245,6 +261,16 @@ pub(super) fn count_delivered(transport: &'static str, n: usize) {
 async fn finish_session(r: SessionRef, state: AppState) -> Result<impl Reply, ApiError> {
     let info = state.sessions.finish(&r.id, r.token()).await?;
     Ok(warp::reply::json(&info))
+}
+
+/// → `{"after_seq": N}`: the sentence ends after chunk N (`null`: no audio yet).
+async fn finalize_sentence(
+    r: SessionRef,
+    q: FinalizeQuery,
+    state: AppState,
+) -> Result<impl Reply, ApiError> {
+    let at = state.sessions.finalize(&r.id, r.token(), q.seq).await?;
+    Ok(warp::reply::json(&serde_json::json!({ "after_seq": at })))
 }
 
 async fn get_session(r: SessionRef, state: AppState) -> Result<impl Reply, ApiError> {

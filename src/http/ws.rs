@@ -18,7 +18,8 @@
 //! Client → server:
 //! - binary frame = one chunk: 4-byte big-endian `seq`, 1 flag byte (bit 0 = last), the audio
 //!   bytes (at most `max_chunk_bytes`; a frame over twice that closes the socket with 1009);
-//! - text `{"type":"finish"}`, `{"type":"cancel"}`, `{"type":"ping"}`.
+//! - text `{"type":"finish"}`, `{"type":"cancel"}`, `{"type":"ping"}`, and
+//!   `{"type":"finalize"[, "seq": N]}` (answered `{"type":"finalized","after_seq":N}`).
 
 use super::{respond, session_ref, with_state, AppState, SessionRef};
 use crate::error::ApiError;
@@ -44,6 +45,8 @@ struct WsQuery {
 struct ClientMessage {
     #[serde(rename = "type")]
     kind: String,
+    /// `finalize` only: end the sentence after this chunk (default: the highest contiguous).
+    seq: Option<u64>,
 }
 
 /// `GET /v1/sessions/{id}/ws`.
@@ -231,8 +234,8 @@ async fn on_chunk(id: &str, token: Option<&str>, frame: Bytes, state: &AppState)
 }
 
 async fn on_text(id: &str, token: Option<&str>, t: &str, state: &AppState) -> Option<Message> {
-    let kind = match serde_json::from_str::<ClientMessage>(t) {
-        Ok(m) => m.kind,
+    let (kind, seq) = match serde_json::from_str::<ClientMessage>(t) {
+        Ok(m) => (m.kind, m.seq),
         Err(e) => {
             return Some(error_frame(
                 None,
@@ -243,13 +246,19 @@ async fn on_text(id: &str, token: Option<&str>, t: &str, state: &AppState) -> Op
     let result = match kind.as_str() {
         "ping" => return Some(text(&json!({"type": "pong"}))),
         "finish" => state.sessions.finish(id, token).await,
+        "finalize" => {
+            return match state.sessions.finalize(id, token, seq).await {
+                Ok(at) => Some(text(&json!({"type": "finalized", "after_seq": at}))),
+                Err(e) => Some(error_frame(None, &ApiError::from(e))),
+            }
+        }
         "cancel" => state.sessions.cancel(id, token).await,
         other => {
             return Some(error_frame(
                 None,
                 &ApiError::bad_request(
                     "invalid_message",
-                    format!("unknown message type {other:?}: use finish, cancel or ping"),
+                    format!("unknown message type {other:?}: use finish, finalize, cancel or ping"),
                 ),
             ))
         }

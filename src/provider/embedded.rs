@@ -101,6 +101,10 @@ impl Provider for EmbeddedProvider {
         "embedded"
     }
 
+    fn can_finalize(&self) -> bool {
+        true
+    }
+
     fn readiness(&self) -> Readiness {
         match (&self.engine, &self.load_error) {
             (Some(e), _) => Readiness {
@@ -317,6 +321,10 @@ impl StreamThread {
                     let segs = seg.push(&pcm);
                     self.handle(segs)
                 }
+                Msg::Input(ProviderInput::Finalize) => {
+                    let segs = seg.cut();
+                    self.handle(segs)
+                }
                 Msg::Input(ProviderInput::Finish) => {
                     let segs = seg.finish();
                     self.finishing = true;
@@ -497,7 +505,7 @@ impl StreamThread {
     }
 
     /// Speech resumed after a pause: the tentative final will not be the final, but its decode
-    /// is the sentence so far, i.e. a partial. Decoded already: published as one; still
+    /// is the sentence so far, i.e. a partial. Decoded already: it was published as one; still
     /// running: it stands as the partial in flight (superseded like one). Its credit comes back.
     /// A tentative's decode supersedes the partial in flight, so without this a client would
     /// see no text at all for a sentence with pauses until its final.
@@ -506,13 +514,8 @@ impl StreamThread {
             return true;
         };
         match t.result {
-            Some(result) => self.on_decoded(
-                t.utterance,
-                DecodeKind::Partial,
-                t.start_ms,
-                t.end_ms,
-                result,
-            ),
+            // Published as a partial when it was decoded.
+            Some(_) => true,
             None => {
                 self.partial_in_flight = true;
                 self.partial_stale = t.stale;
@@ -522,9 +525,9 @@ impl StreamThread {
         }
     }
 
-    /// A tentative decode answered: it is the final if that was confirmed meanwhile, kept if
-    /// the utterance is still in its closing silence, a partial if it was demoted, ignored if
-    /// withdrawn.
+    /// A tentative decode answered: it is the final if that was confirmed meanwhile, a partial
+    /// now and kept as the final-to-be if the utterance is still in its closing silence, a
+    /// partial if it was demoted, ignored if withdrawn.
     fn on_tentative_decoded(&mut self, id: u64, result: Result<String, String>) -> bool {
         if let Some((utterance, start_ms, end_ms)) = self.awaited.remove(&id) {
             return self.on_decoded(utterance, DecodeKind::Final, start_ms, end_ms, result);
@@ -534,10 +537,29 @@ impl StreamThread {
         {
             return self.on_decoded(utterance, DecodeKind::Partial, start_ms, end_ms, result);
         }
-        if let Some(t) = self.tentative.as_mut().filter(|t| t.id == id) {
-            t.result = Some(result);
+        let Some(t) = self.tentative.as_mut().filter(|t| t.id == id) else {
+            return true;
+        };
+        // The sentence up to its pause, decoded: the client sees it now as a partial (the
+        // final repeats it once the silence is confirmed). It supersedes the partial in
+        // flight, so without this a sentence cut by pauses shows nothing until its final, and
+        // an upload that stops inside a pause shows nothing at all.
+        let preview = match &result {
+            Ok(text) if !text.is_empty() => Some(self.text.apply(text, self.lang)),
+            _ => None,
+        };
+        t.result = Some(result);
+        let (utterance, start_ms, end_ms) = (t.utterance, t.start_ms, t.end_ms);
+        match preview.filter(|text| !text.is_empty()) {
+            Some(text) => self.emit(ProviderEvent::Partial(Recognition {
+                sentence: utterance,
+                text,
+                start_ms,
+                end_ms,
+                words: None,
+            })),
+            None => true,
         }
-        true
     }
 
     /// Marks the in-flight partial stale (skipped if queued, aborted if running); the next

@@ -283,6 +283,9 @@ impl Stream {
                             self.sent_samples += piece.len() as u64;
                         }
                     }
+                    // Never sent: FunASR's protocol ends a sentence only at its own VAD's
+                    // endpoint (`is_speaking: false` ends the whole stream).
+                    Some(ProviderInput::Finalize) => {}
                     Some(ProviderInput::Finish) => {
                         input_open = false;
                         if let Err(e) = sink.send(Message::text(r#"{"is_speaking": false}"#)).await {

@@ -81,6 +81,8 @@ impl Provider for LoopbackProvider {
                                 return;
                             }
                         }
+                        // Never sent: `can_finalize` is false.
+                        Some(ProviderInput::Finalize) => {}
                         Some(ProviderInput::Finish) => {
                             if pushes > 0 {
                                 let _ = ev_tx

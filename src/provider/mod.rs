@@ -64,6 +64,11 @@ pub enum ProviderInput {
         /// The frames decoded, 16 kHz mono.
         pcm: Vec<i16>,
     },
+    /// End the current sentence here without ending the stream (a client's
+    /// `POST …/finalize`): its final follows as if its closing silence had been heard. A
+    /// provider whose upstream cannot do that answers [`ProviderEvent::Warning`]
+    /// `finalize_unsupported` once and goes on.
+    Finalize,
     /// No more audio: flush the last sentence, then send [`ProviderEvent::Done`].
     Finish,
 }
@@ -219,6 +224,12 @@ pub trait Provider: Send + Sync {
     /// Whether a stream takes `format` (MP3 or AAC) as the client sent it, for sessions that
     /// declared the engine's sample rate and mono. Default: no (the session decodes to PCM).
     fn accepts_encoded(&self, _format: crate::audio::AudioFormat) -> bool {
+        false
+    }
+
+    /// Whether a stream ends a sentence on [`ProviderInput::Finalize`]. Default: no (the
+    /// session then warns `finalize_unsupported` and never sends it).
+    fn can_finalize(&self) -> bool {
         false
     }
 

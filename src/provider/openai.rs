@@ -178,6 +178,11 @@ impl Provider for OpenAiProvider {
         }
     }
 
+    /// Its VAD (`segmented`) cuts the utterance where the client asks.
+    fn can_finalize(&self) -> bool {
+        true
+    }
+
     fn open(
         &self,
         opts: &StreamOptions,

@@ -73,6 +73,7 @@ pub fn open(
                     ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } => {
                         (seg.push(&pcm), false)
                     }
+                    ProviderInput::Finalize => (seg.cut(), false),
                     ProviderInput::Finish => (seg.finish(), true),
                 };
                 for s in segs {

@@ -23,7 +23,7 @@ use super::{CreateOptions, SessionManager};
 use crate::audio::AudioFormat;
 use crate::store::redis::RedisStore;
 use crate::store::redis::EVENTS_CHANNEL;
-use crate::store::redis_coord::{IngestLimits, Offer, WAKE_CHANNEL};
+use crate::store::redis_coord::{IngestLimits, Offer, SentenceEnd, WAKE_CHANNEL};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::HashMap;
@@ -231,6 +231,47 @@ impl SessionManager {
         c.redis.request_finish(id).await?;
         self.wake_owner(c, id).await;
         self.info(id, token).await
+    }
+
+    /// `finalize` with replicas: recorded beside the chunk log for the owner, who takes it
+    /// with the chunks and ends the sentence at its place in the audio.
+    pub(super) async fn finalize_shared(
+        &self,
+        c: &Arc<Cluster>,
+        id: &str,
+        token: Option<&str>,
+        seq: Option<u64>,
+    ) -> Result<Option<u64>, SessionError> {
+        match self.live(&parse_id(id)?) {
+            Some(s) => s.check_token(token)?,
+            None => drop(stored::record(&*self.inner.store, id, token).await?),
+        }
+        let window = self.inner.limits.reorder_window;
+        let at = match c.redis.request_sentence_end(id, seq, window).await? {
+            SentenceEnd::After(at) => Some(at),
+            SentenceEnd::NoAudio => None,
+            SentenceEnd::NotOpen(status) => {
+                return Err(SessionError::Closed {
+                    id: id.into(),
+                    status,
+                })
+            }
+            SentenceEnd::AfterLast(last) => {
+                let seq = seq.unwrap_or(last + 1);
+                return Err(IngestError::AfterLast { seq, last }.into());
+            }
+            SentenceEnd::OutOfWindow(expected) => {
+                let seq = seq.unwrap_or(expected);
+                return Err(IngestError::OutOfWindow {
+                    seq,
+                    expected,
+                    window,
+                }
+                .into());
+            }
+        };
+        self.wake_owner(c, id).await;
+        Ok(at)
     }
 
     /// `cancel` with replicas: recorded in the store (a replica taking the session over

@@ -1,10 +1,21 @@
 //! Chunk reassembly in `seq` order (shared/api.md, `POST …/audio`): an identical duplicate is a
 //! no-op, a different body for a known seq is a conflict, a seq ahead of the next expected one
 //! but inside the window is buffered, beyond it is rejected; accepted bytes are bounded.
+//! A sentence end requested after chunk N (`POST …/finalize?seq=N`) is handed out right
+//! after that chunk, whichever order the two requests arrive in.
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// What [`Ingest::take_ready`] hands out, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ready {
+    /// The next chunk's bytes.
+    Chunk(Bytes),
+    /// The client asked for the current sentence to end here.
+    SentenceEnd,
+}
 
 /// Outcome of offering a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +80,8 @@ pub struct Ingest {
     end_seq: Option<u64>,
     finish: bool,
     bytes_total: u64,
+    /// Seqs after which a sentence end was requested, not yet handed out (at most `window`).
+    sentence_ends: BTreeSet<u64>,
 }
 
 fn digest(b: &[u8]) -> [u8; 16] {
@@ -92,6 +105,7 @@ impl Ingest {
             end_seq: None,
             finish: false,
             bytes_total: 0,
+            sentence_ends: BTreeSet::new(),
         }
     }
 
@@ -201,10 +215,52 @@ impl Ingest {
         self.finish && self.ready.is_empty() && self.end_seq.is_none_or(|e| self.next_seq > e)
     }
 
-    /// Hands out the contiguous chunks not yet consumed, in order.
-    pub fn take_ready(&mut self) -> Vec<Bytes> {
-        let out: Vec<Bytes> = self.ready.drain(..).collect();
-        self.buffered -= out.iter().map(Bytes::len).sum::<usize>();
+    /// Requests that the current sentence end after chunk `seq` (default: the highest
+    /// contiguous seq received, [`Ingest::acked_seq`]); returns the seq it will end after, `None` when no audio was received
+    /// yet (there is no sentence to end). Idempotent per seq; a seq already handed out ends the
+    /// sentence at once.
+    ///
+    /// # Errors
+    /// [`IngestError::OutOfWindow`] for a seq beyond the reorder window,
+    /// [`IngestError::AfterLast`] for one after the last chunk.
+    pub fn request_sentence_end(&mut self, seq: Option<u64>) -> Result<Option<u64>, IngestError> {
+        let Some(seq) = seq.or(self.acked_seq()) else {
+            return Ok(None);
+        };
+        if let Some(last) = self.end_seq.filter(|&last| seq > last) {
+            return Err(IngestError::AfterLast { seq, last });
+        }
+        if seq >= self.next_seq.saturating_add(self.window) {
+            return Err(IngestError::OutOfWindow {
+                seq,
+                expected: self.next_seq,
+                window: self.window,
+            });
+        }
+        // Ends already due collapse into one: the set stays within the window.
+        let handed_out = self.next_seq - self.ready.len() as u64;
+        let at = seq.max(handed_out.saturating_sub(1));
+        self.sentence_ends.insert(at);
+        Ok(Some(seq))
+    }
+
+    /// Hands out the contiguous chunks not yet consumed, in order, with the sentence ends
+    /// requested after them.
+    pub fn take_ready(&mut self) -> Vec<Ready> {
+        let first = self.next_seq - self.ready.len() as u64;
+        let mut out = Vec::with_capacity(self.ready.len() + 1);
+        // An end after a chunk handed out earlier is due now.
+        if self.sentence_ends.first().is_some_and(|&e| e < first) {
+            self.sentence_ends.retain(|&e| e >= first);
+            out.push(Ready::SentenceEnd);
+        }
+        for (seq, b) in (first..).zip(self.ready.drain(..)) {
+            self.buffered -= b.len();
+            out.push(Ready::Chunk(b));
+            if self.sentence_ends.remove(&seq) {
+                out.push(Ready::SentenceEnd);
+            }
+        }
         out
     }
 }
@@ -217,13 +273,49 @@ mod tests {
         Bytes::from(s.to_string())
     }
 
+    fn c(s: &str) -> Ready {
+        Ready::Chunk(b(s))
+    }
+
+    #[test]
+    fn a_sentence_end_follows_its_chunk_in_either_arrival_order() {
+        let mut i = Ingest::new(4, 1000);
+        assert_eq!(
+            i.request_sentence_end(None),
+            Ok(None),
+            "no audio: nothing to end"
+        );
+        i.offer(0, b("a"), false).unwrap();
+        // Before its chunk arrives (the finalize overtook the upload).
+        assert_eq!(i.request_sentence_end(Some(1)), Ok(Some(1)));
+        assert_eq!(i.take_ready(), vec![c("a")]);
+        i.offer(1, b("b"), false).unwrap();
+        i.offer(2, b("c"), false).unwrap();
+        assert_eq!(i.take_ready(), vec![c("b"), Ready::SentenceEnd, c("c")]);
+        // After its chunk was handed out: at once, once, however often it is asked.
+        assert_eq!(i.request_sentence_end(None), Ok(Some(2)));
+        assert_eq!(i.request_sentence_end(Some(0)), Ok(Some(0)));
+        assert_eq!(i.take_ready(), vec![Ready::SentenceEnd]);
+        assert_eq!(i.take_ready(), vec![]);
+        // Bounded like chunks.
+        assert!(matches!(
+            i.request_sentence_end(Some(7)),
+            Err(IngestError::OutOfWindow { seq: 7, .. })
+        ));
+        i.offer(3, b("d"), true).unwrap();
+        assert_eq!(
+            i.request_sentence_end(Some(4)),
+            Err(IngestError::AfterLast { seq: 4, last: 3 })
+        );
+    }
+
     #[test]
     fn in_order_chunks_become_ready() {
         let mut i = Ingest::new(4, 1000);
         assert_eq!(i.offer(0, b("a"), false), Ok(Accepted::New));
         assert_eq!(i.offer(1, b("b"), false), Ok(Accepted::New));
         assert_eq!(i.acked_seq(), Some(1));
-        assert_eq!(i.take_ready(), vec![b("a"), b("b")]);
+        assert_eq!(i.take_ready(), vec![c("a"), c("b")]);
     }
 
     #[test]
@@ -235,7 +327,7 @@ mod tests {
         assert!(i.take_ready().is_empty());
         i.offer(0, b("a"), false).unwrap();
         assert_eq!(i.acked_seq(), Some(2));
-        assert_eq!(i.take_ready(), vec![b("a"), b("b"), b("c")]);
+        assert_eq!(i.take_ready(), vec![c("a"), c("b"), c("c")]);
     }
 
     #[test]

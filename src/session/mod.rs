@@ -488,6 +488,46 @@ impl SessionManager {
         self.info(id, token).await
     }
 
+    /// Ends the current sentence after chunk `seq` (default: the highest contiguous chunk
+    /// received, `acked_seq`) without ending the session: its final follows at once instead
+    /// of after `vad_silence_ms` of silence (a push-to-talk release, a "send" button). Returns
+    /// the seq the sentence ends after, `None` when no audio arrived yet (nothing to end).
+    ///
+    /// # Errors
+    /// Unknown session, bad token; 410 `session_closed` once the audio is complete; a `seq`
+    /// beyond the reorder window or after the last chunk (409, as for chunks).
+    pub async fn finalize(
+        &self,
+        id: &str,
+        token: Option<&str>,
+        seq: Option<u64>,
+    ) -> Result<Option<u64>, SessionError> {
+        if let Some(c) = &self.inner.cluster {
+            return self.finalize_shared(c, id, token, seq).await;
+        }
+        let Some(s) = self.live(&parse_id(id)?) else {
+            let rec = stored::record(&*self.inner.store, id, token).await?;
+            return Err(SessionError::Closed {
+                id: id.into(),
+                status: rec.status,
+            });
+        };
+        s.check_token(token)?;
+        let at = {
+            let mut st = s.lock();
+            if st.status != Status::Open {
+                return Err(SessionError::Closed {
+                    id: id.into(),
+                    status: st.status.as_str().into(),
+                });
+            }
+            st.last_activity = Instant::now();
+            st.ingest.request_sentence_end(seq)?
+        };
+        s.wake.notify_one();
+        Ok(at)
+    }
+
     /// Cancels the session. Idempotent.
     ///
     /// # Errors

@@ -7,7 +7,7 @@
 //! that were superseded or not yet finalised can be gone, and the new `epoch` says so.
 
 use super::event::{EndReason, Event, EventKind, EventLog, Usage};
-use super::ingest::Ingest;
+use super::ingest::{Ingest, Ready};
 use super::state::{RateLimit, Session, State, Status};
 use super::stored::{events_after, stored, Finals};
 use super::worker::Upstream;
@@ -117,8 +117,11 @@ impl SessionManager {
             ingest
                 .offer(ch.seq, Bytes::from(ch.data), ch.last)
                 .map_err(|e| format!("stored chunk {}: {e}", ch.seq))?;
+            // Sentence ends are not stored: none can be pending in a fresh buffer.
             for c in ingest.take_ready() {
-                pcm.extend(decoder.push(&c).map_err(|e| e.0)?);
+                if let Ready::Chunk(c) = c {
+                    pcm.extend(decoder.push(&c).map_err(|e| e.0)?);
+                }
             }
         }
         let status = if rec.status == Status::Finishing.as_str() {

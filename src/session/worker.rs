@@ -12,6 +12,7 @@
 //! session's backpressure.
 
 use super::event::{EndReason, Event, EventKind};
+use super::ingest::Ready;
 use super::options::SessionLimits;
 use super::replay::Replay;
 use super::state::{Session, Status};
@@ -111,6 +112,8 @@ pub(super) struct Worker {
     finish_deadline: Option<Instant>,
     shutdown_seen: bool,
     provider_failed: bool,
+    /// `finalize_unsupported` was said.
+    finalize_warned: bool,
     outcome: Option<EndReason>,
 }
 
@@ -131,6 +134,7 @@ impl Worker {
             finish_deadline: None,
             shutdown_seen: false,
             provider_failed: false,
+            finalize_warned: false,
             outcome: None,
         }
     }
@@ -330,7 +334,14 @@ impl Worker {
             let chunks = st.ingest.take_ready();
             (chunks, force || st.ingest.input_complete())
         };
-        for chunk in chunks {
+        for piece in chunks {
+            let chunk = match piece {
+                Ready::Chunk(chunk) => chunk,
+                Ready::SentenceEnd => {
+                    self.end_sentence().await;
+                    continue;
+                }
+            };
             let pass_through = self.replay.pass_through;
             let decoded = self.decoder.push(&chunk).map(|pcm| {
                 let frames = self.decoder.take_frames().filter(|_| pass_through);
@@ -379,6 +390,21 @@ impl Worker {
             self.input_done = true;
             self.finish_deadline = Some(Instant::now() + FINISH_TIMEOUT);
             self.outbox.push_back(ProviderInput::Finish);
+        }
+    }
+
+    /// A client's finalize reached its place in the audio: the provider ends the sentence
+    /// there, or, if its upstream cannot, the client hears so once (`finalize_unsupported`).
+    async fn end_sentence(&mut self) {
+        if self.up.provider.can_finalize() {
+            self.outbox.push_back(ProviderInput::Finalize);
+        } else if !std::mem::replace(&mut self.finalize_warned, true) {
+            let message = format!(
+                "provider {:?} cannot end a sentence on request; sentences end at its own endpoint",
+                self.up.provider.name()
+            );
+            self.push(Event::warning("finalize_unsupported", &message))
+                .await;
         }
     }
 

@@ -37,6 +37,10 @@ impl Worker {
                 tracing::error!(error = %e, seq = c.seq, "a chunk of the shared log was refused");
             }
         }
+        for seq in taken.sentence_ends {
+            // Checked by the script already; a seq now outside the window ends at once.
+            let _ = st.ingest.request_sentence_end(Some(seq));
+        }
         if taken.finish && st.status == Status::Open {
             st.status = Status::Finishing;
         }

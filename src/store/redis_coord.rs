@@ -11,6 +11,7 @@
 //! | `s` fields `in_end`, `in_finish`, `in_max`, `in_buffered` | end of the audio, finish requested, highest seq stored, bytes not yet taken by the owner |
 //! | `s` fields `rl_tokens`, `rl_at` | the session's upload token bucket (`max_chunks_per_s`) |
 //! | `s` field `cancel` | `1` once a cancel was requested (the owner, or a taker-over, honours it) |
+//! | `s` field `ends` | seqs after which a client asked a sentence to end (`finalize`), space-separated, until the owner takes them |
 //! | `voxpoll:u:{<user>}:open` | set of the user's open session ids |
 //!
 //! Channels: [`EVENTS_CHANNEL`] (`<id> <seq>` per stored event) and [`WAKE_CHANNEL`]
@@ -87,6 +88,23 @@ pub struct Taken {
     pub finish: bool,
     /// Every chunk up to the end is stored (take the rest, then the audio is complete).
     pub complete: bool,
+    /// Seqs after which clients asked a sentence to end since the last take.
+    pub sentence_ends: Vec<u64>,
+}
+
+/// What [`RedisStore::request_sentence_end`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SentenceEnd {
+    /// Recorded: the sentence ends after this seq.
+    After(u64),
+    /// No chunk yet: nothing to end.
+    NoAudio,
+    /// The session is not open (its status).
+    NotOpen(String),
+    /// After the last chunk (its seq).
+    AfterLast(u64),
+    /// Beyond the window (the next seq expected).
+    OutOfWindow(u64),
 }
 
 /// KEYS: s, c. ARGV: seq, last (0/1), data, window, max_buffered, per_s.
@@ -167,15 +185,45 @@ return 1
     )
 });
 
-/// KEYS: s, c. ARGV: from seq, most chunks. Returns {in_next, finish, end or -1, values…}.
+/// KEYS: s. ARGV: seq or '', window. Records a sentence end after seq (default: the highest
+/// contiguous seq) with `Ingest::request_sentence_end`'s checks. Returns {0, seq}, {1, ''} (no
+/// audio yet), {2, status} (not open), {3, last} (after the last chunk), {4, next} (beyond the
+/// window).
+static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local s = KEYS[1]
+local h = redis.call('HMGET', s, 'status', 'in_next', 'in_end', 'ends')
+if not h[1] then return {2, 'unknown'} end
+if h[1] ~= 'open' then return {2, h[1]} end
+local nxt = tonumber(h[2] or '0')
+local seq = tonumber(ARGV[1])
+if not seq then
+  if nxt == 0 then return {1, ''} end
+  seq = nxt - 1
+end
+if h[3] and seq > tonumber(h[3]) then return {3, h[3]} end
+if seq >= nxt + tonumber(ARGV[2]) then return {4, tostring(nxt)} end
+local ends = h[4] or ''
+local n = 0
+for _ in string.gmatch(ends, '%S+') do n = n + 1 end
+if n < tonumber(ARGV[2]) then redis.call('HSET', s, 'ends', ends .. ' ' .. seq) end
+return {0, tostring(seq)}
+",
+    )
+});
+
+/// KEYS: s, c. ARGV: from seq, most chunks. Returns {in_next, finish, end or -1, sentence
+/// ends (taken), values…}.
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local s, c = KEYS[1], KEYS[2]
 local from, most = tonumber(ARGV[1]), tonumber(ARGV[2])
-local h = redis.call('HMGET', s, 'in_next', 'in_finish', 'in_end')
+local h = redis.call('HMGET', s, 'in_next', 'in_finish', 'in_end', 'ends')
 local nxt = tonumber(h[1] or '0')
-local out = {tostring(nxt), h[2] == '1' and '1' or '0', h[3] or '-1'}
+local out = {tostring(nxt), h[2] == '1' and '1' or '0', h[3] or '-1', h[4] or ''}
+if h[4] then redis.call('HDEL', s, 'ends') end
 local taken = 0
 local seq = from
 while seq < nxt and seq < from + most do
@@ -319,9 +367,14 @@ impl RedisStore {
         let next = seq_of(text(0).as_ref()).unwrap_or(0);
         let finish = text(1).as_deref() == Some("1");
         let end = seq_of(text(2).as_ref());
+        let sentence_ends = text(3)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
         let chunks: Vec<ChunkRecord> = r
             .iter()
-            .skip(3)
+            .skip(4)
             .zip(from..)
             .map(|(v, seq)| ChunkRecord {
                 session_id: id.to_string(),
@@ -336,6 +389,36 @@ impl RedisStore {
             chunks,
             finish,
             complete,
+            sentence_ends,
+        })
+    }
+
+    /// Records a client's request to end the current sentence after chunk `seq` (default: the
+    /// highest contiguous seq) for the session's owner, who takes it with the chunks. At most
+    /// `window` wait at once (more are answered but not recorded: the ones waiting end the
+    /// sentence anyway).
+    ///
+    /// # Errors
+    /// Redis unreachable or failing.
+    pub async fn request_sentence_end(
+        &self,
+        id: &str,
+        seq: Option<u64>,
+        window: u64,
+    ) -> Result<SentenceEnd, StoreError> {
+        let (code, v): (i64, Option<String>) = FINALIZE
+            .key(session_key(id))
+            .arg(seq.map(|s| s.to_string()).unwrap_or_default())
+            .arg(window)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let n = || seq_of(v.as_ref()).unwrap_or(0);
+        Ok(match code {
+            0 => SentenceEnd::After(n()),
+            1 => SentenceEnd::NoAudio,
+            2 => SentenceEnd::NotOpen(v.unwrap_or_default()),
+            3 => SentenceEnd::AfterLast(n()),
+            _ => SentenceEnd::OutOfWindow(n()),
         })
     }
 

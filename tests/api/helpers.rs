@@ -74,6 +74,8 @@ impl Provider for EchoProvider {
                             return;
                         }
                     }
+                    // Every push is a sentence already (and `can_finalize` is false).
+                    Some(ProviderInput::Finalize) => {}
                     Some(ProviderInput::Finish) => {
                         let _ = ev_tx.send(ProviderEvent::Done).await;
                         return;

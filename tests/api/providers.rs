@@ -218,6 +218,39 @@ async fn tencent_bridges_client_stalls_and_keeps_client_times() {
 }
 
 #[tokio::test]
+async fn tencent_answers_finalize_with_one_warning_and_goes_on() {
+    // Tencent's real-time protocol cannot end a sentence on request (its `end` ends the
+    // stream): the client hears so once, and the session is otherwise unchanged.
+    let rt = FakeTencent::start(Behavior::default()).await;
+    let app = spawn_app_with_providers(vec![tencent(&rt, None, |_| {})], |_| {}).await;
+    let s = app.create(json!({"provider": "tencent"})).await;
+    let a = fakes::tone(1000);
+    for (i, c) in a.chunks(3200).enumerate() {
+        let (st, b) = app.upload(&s, &format!("seq={i}"), pcm_bytes(c)).await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+        let r = app
+            .http
+            .post(format!("{}/v1/sessions/{}/finalize", app.url, s.id))
+            .header("x-session-token", &s.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let (st, body) = app.upload(&s, "seq=5&last=1", Vec::new()).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let events = app.collect_until_end(&s, Duration::from_secs(30)).await;
+    let warnings: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["code"] == "finalize_unsupported")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{events:?}");
+    assert_eq!(warnings[0]["type"], "warning");
+    assert_eq!(end_reason(&events), "finished", "{events:?}");
+    assert_eq!(rt.conns().len(), 1, "one upstream stream throughout");
+}
+
+#[tokio::test]
 async fn tencent_takes_mp3_and_aac_frames_as_recorded() {
     let rt = FakeTencent::start(Behavior::default()).await;
     let app = spawn_app_with_providers(vec![tencent(&rt, None, |_| {})], |_| {}).await;

@@ -4,6 +4,7 @@
 //! equal a one-instance run; `kill -9` of the replica running a session, a Redis restart and a
 //! per-user budget are shown through the HTTP API.
 
+use crate::helpers::{pcm_bytes, read_wav, root};
 use crate::process::{
     check_log, create, create_with, one_instance_transcript, serve_command, speech_chunks, Server,
 };
@@ -314,6 +315,56 @@ async fn a_draining_replica_hands_its_sessions_over_at_once() {
     all.extend(handed);
     all.extend(rest);
     assert_eq!(check_log(&all), clean, "same transcript across the drain");
+}
+
+#[tokio::test]
+async fn a_finalize_on_any_replica_ends_the_sentence_at_its_chunk() {
+    let r = Replicas::start(2, &[]).await;
+    // The first sentence's speech only: nothing but the finalize can end it before a finish.
+    let pcm = read_wav(&root().join("tests/fixtures/zh/01.wav"));
+    let rms = |f: &[i16]| f.iter().map(|&s| f64::from(s).abs()).sum::<f64>() / f.len() as f64;
+    let speech_end = pcm.chunks(480).rposition(|f| rms(f) > 300.0).unwrap() * 480 + 960;
+    let chunks: Vec<Vec<u8>> = pcm_bytes(&pcm[..speech_end])
+        .chunks(6400)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let (id, token) = create(r.at(0)).await;
+    let n = chunks.len();
+    for (i, c) in chunks.iter().enumerate().take(n - 1) {
+        r.next().upload(&id, &token, i, false, c).await;
+    }
+    // On the replica that does not run the session, ahead of the sentence's last chunk.
+    let resp = r
+        .at(1)
+        .http
+        .post(format!(
+            "{}/v1/sessions/{id}/finalize?seq={}",
+            r.at(1).url,
+            n - 1
+        ))
+        .header("x-session-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["after_seq"], n - 1);
+    r.next()
+        .upload(&id, &token, n - 1, false, &chunks[n - 1])
+        .await;
+    let seen = tokio::time::timeout(
+        Duration::from_secs(30),
+        r.drain_until(&id, &token, 0, |e| e["type"] == "final"),
+    )
+    .await
+    .expect("the sentence's final within 30 s");
+    let f = seen.iter().find(|e| e["type"] == "final").unwrap();
+    assert_eq!(f["sentence"], 0);
+    assert!(f["text"].as_str().unwrap().contains("公园"), "{f}");
+    let audio_ms = (speech_end / 16) as u64;
+    assert!(
+        f["end_ms"].as_u64().unwrap() + 400 >= audio_ms,
+        "{f} of {audio_ms} ms"
+    );
 }
 
 #[tokio::test]

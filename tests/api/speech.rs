@@ -222,7 +222,10 @@ async fn text_options_apply_to_every_result_of_the_embedded_engine() {
         .await
         .unwrap();
     let text = answer["text"].as_str().unwrap();
-    assert!(text.contains("明天上午") && !text.ends_with('。'), "{answer}");
+    assert!(
+        text.contains("明天上午") && !text.ends_with('。'),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -247,6 +250,144 @@ async fn hot_words_keep_the_transcript_and_never_leak_into_text() {
         .await;
     let events = app.stream_pcm(&s, &quiet, 200, false).await;
     assert_eq!(transcript(&events), "", "{events:?}");
+}
+
+#[tokio::test]
+async fn an_upload_that_stops_inside_a_pause_still_shows_the_sentence() {
+    // Regression: with early finals on, the decode started 150 ms into the pause supersedes
+    // the partial in flight; until the pause reached vad_silence_ms nothing was published, so
+    // a client that uploaded the sentence and 400 ms of silence in a burst, then waited for
+    // text before sending more, waited forever.
+    let app = spawn_app_with(|c| c.early_final_ms = 150).await;
+    let speech = mandarin_corpus().remove(0).0; // 今天天气很好，我们去公园散步吧。
+    let mut pcm = trim_to_speech(&speech).to_vec();
+    pcm.extend(vec![0i16; 16 * 350]); // 400 ms of pause: past early_final_ms, short of 600
+    let s = app.create(json!({"engine": "16k_zh"})).await;
+    for (i, c) in pcm.chunks(3200).enumerate() {
+        let (status, body) = app.upload(&s, &format!("seq={i}"), pcm_bytes(c)).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut cursor = 0;
+    let text = loop {
+        assert!(Instant::now() < deadline, "no text within 30 s");
+        let (_, page) = app.poll(&s, cursor, 5_000).await;
+        let events = page["events"].as_array().unwrap();
+        if let Some(e) = events
+            .iter()
+            .find(|e| e["text"].as_str().is_some_and(|t| !t.is_empty()))
+        {
+            break e.clone();
+        }
+        cursor = page["next_cursor"].as_u64().unwrap();
+    };
+    assert_eq!(text["type"], "partial", "the pause is not over yet: {text}");
+    assert!(text["text"].as_str().unwrap().contains("公园"), "{text}");
+}
+
+#[tokio::test]
+async fn finalize_ends_the_sentence_at_its_chunk_and_the_session_goes_on() {
+    let app = spawn_app().await;
+    let corpus = mandarin_corpus();
+    // Speech only, no closing silence: without finalize no sentence could end before finish.
+    let first = trim_to_speech(&corpus[0].0).to_vec(); // 今天天气很好，我们去公园散步吧。
+    let second = trim_to_speech(&corpus[2].0).to_vec(); // 明天上午九点在会议室开会。
+    let s = app.create(json!({"engine": "16k_zh"})).await;
+    let finalize = |query: String| {
+        let (http, url, id, token) = (
+            app.http.clone(),
+            app.url.clone(),
+            s.id.clone(),
+            s.token.clone(),
+        );
+        async move {
+            let r = http
+                .post(format!("{url}/v1/sessions/{id}/finalize{query}"))
+                .header("x-session-token", token)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = finalize(String::new()).await;
+    assert_eq!(
+        (status.as_u16(), &body),
+        (200, &json!({"after_seq": null})),
+        "no audio yet"
+    );
+    let chunks: Vec<&[i16]> = first.chunks(3200).collect();
+    let n = chunks.len();
+    for (i, c) in chunks[..n - 1].iter().enumerate() {
+        let (status, body) = app.upload(&s, &format!("seq={i}"), pcm_bytes(c)).await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+    }
+    // The finalize overtakes the sentence's last chunk: the end waits for it.
+    let (status, body) = finalize(format!("?seq={}", n - 1)).await;
+    assert_eq!(
+        (status.as_u16(), &body),
+        (200, &json!({"after_seq": n - 1}))
+    );
+    let (status, body) = finalize("?seq=99999".into()).await;
+    assert_eq!(status.as_u16(), 409, "{body}");
+    assert_eq!(body["error"]["code"], "seq_out_of_window");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, body) = app
+        .upload(&s, &format!("seq={}", n - 1), pcm_bytes(chunks[n - 1]))
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let audio_ms = (first.len() / 16) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut cursor, mut seen) = (0, Vec::new());
+    let final0 = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no final of sentence 0: {seen:?}"
+        );
+        let (_, page) = app.poll(&s, cursor, 5_000).await;
+        seen.extend(page["events"].as_array().unwrap().iter().cloned());
+        if let Some(f) = seen.iter().find(|e| e["type"] == "final") {
+            break f.clone();
+        }
+        cursor = page["next_cursor"].as_u64().unwrap();
+    };
+    assert_eq!(final0["sentence"], 0);
+    assert!(
+        final0["text"].as_str().unwrap().contains("公园"),
+        "{final0}"
+    );
+    // It covers the whole sentence, the chunk that came after the finalize included.
+    assert!(
+        final0["end_ms"].as_u64().unwrap() + 400 >= audio_ms,
+        "{final0} of {audio_ms} ms"
+    );
+    // The session goes on: the next speech is the next sentence.
+    for (i, c) in second.chunks(3200).enumerate() {
+        let seq = n + i;
+        let (status, body) = app.upload(&s, &format!("seq={seq}"), pcm_bytes(c)).await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+    }
+    let (status, _) = app
+        .http
+        .post(format!("{}/v1/sessions/{}/finish", app.url, s.id))
+        .header("x-session-token", &s.token)
+        .send()
+        .await
+        .map(|r| (r.status(), ()))
+        .unwrap();
+    assert_eq!(status.as_u16(), 200);
+    let events = app.collect_until_end(&s, Duration::from_secs(60)).await;
+    let finals: Vec<&Value> = events.iter().filter(|e| e["type"] == "final").collect();
+    assert!(
+        finals
+            .iter()
+            .any(|f| f["sentence"] == 1 && f["text"].as_str().unwrap().contains("明天")),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap()["reason"], "finished");
+    let (status, body) = finalize(String::new()).await;
+    assert_eq!(status.as_u16(), 410, "{body}");
+    assert_eq!(body["error"]["code"], "session_closed");
 }
 
 /// `pcm` cut to its speech (30 ms frames within 20 dB of the loudest), with 50 ms either side.

@@ -433,6 +433,9 @@ impl Upstream {
                         let per = pcm.len() as u64 * u64::from(self.rate) / u64::from(crate::audio::TARGET_RATE) / n;
                         self.encoded.extend(frames.into_iter().map(|f| (f, per)));
                     }
+                    // Never sent: Tencent's real-time protocol has no "end the sentence now"
+                    // (its `{"type": "end"}` ends the stream).
+                    Some(ProviderInput::Finalize) => {}
                     Some(ProviderInput::Finish) => {
                         let out = self.conv.flush();
                         self.buffer.extend(out);
