@@ -171,6 +171,35 @@ test('app hide pauses recording and requests; show resumes the same session', as
   assert.equal(r.end.transcript, clean)
 })
 
+test('finalize ends the sentence at once and the session goes on', async () => {
+  // The first sentence's speech without its closing silence: only the finalize can end it.
+  const first = speech.pcm.subarray(0, 2 * 16000 * 2.6)
+  const shim = createWx()
+  const client = createClient({ baseUrl: server.url, wx: shim.wx, transport: 'poll', retryBaseMs: 50, retryMaxMs: 1000 })
+  const finals = []
+  let starts = 0
+  let gotFinal
+  const firstFinal = new Promise((resolve) => { gotFinal = resolve })
+  const session = await client.open({ engine: '16k_zh' }, {
+    onSpeechStart: () => { starts++ },
+    onFinal: (ev) => { finals.push(ev); gotFinal(ev) }
+  })
+  assert.deepEqual(await session.finalize(), { after_seq: null }, 'nothing pushed: nothing to end')
+  for (let off = 0; off < first.length; off += 6400) {
+    session.push(first.buffer.slice(first.byteOffset + off, first.byteOffset + Math.min(off + 6400, first.length)))
+  }
+  const r = await session.finalize()
+  assert.equal(r.after_seq, Math.ceil(first.length / 6400) - 1)
+  const f = await withTimeout(firstFinal, 30000, 'final after finalize')
+  assert.equal(f.sentence, 0)
+  assert.ok(f.text.length > 0, JSON.stringify(f))
+  assert.ok(starts >= 1, 'speech_start before it')
+  session.finish()
+  const end = await withTimeout(session.ended, 60000, 'session end')
+  assert.equal(end.reason, 'finished')
+  assert.ok(end.usage && end.usage.audio_ms >= 2500, JSON.stringify(end))
+})
+
 test('cancel ends the session as cancelled on the server', async () => {
   const r = await record({
     transport: 'poll',
