@@ -12,7 +12,9 @@
 //! queue ahead of everybody else.
 
 use super::text::TextOptions;
-use super::whisper::{hotword_prompt, DecodeJob, DecodeKind, DecodeReply, WhisperEngine};
+use super::whisper::{
+    hotword_prompt, in_text, DecodeJob, DecodeKind, DecodeReply, Decoded, WhisperEngine,
+};
 use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
     StreamOptions,
@@ -166,6 +168,7 @@ impl Provider for EmbeddedProvider {
                 .as_deref()
                 .and_then(|list| hotword_prompt(list, lang)),
             text: TextOptions::of(opts),
+            word_info: opts.word_info.unwrap_or(0),
             cfg,
             events: events_tx.clone(),
             self_tx: msg_tx.clone(),
@@ -254,12 +257,12 @@ enum Msg {
         kind: DecodeKind,
         start_ms: u64,
         end_ms: u64,
-        result: Result<String, String>,
+        result: Result<Decoded, String>,
     },
     /// The decode of a [`Segment::Tentative`], by its id.
     TentativeDecoded {
         id: u64,
-        result: Result<String, String>,
+        result: Result<Decoded, String>,
     },
     Cancel,
 }
@@ -274,7 +277,7 @@ struct Tentative {
     /// Set when speech resumes: the queued decode is then skipped.
     stale: Arc<AtomicBool>,
     /// The decode's answer, once in.
-    result: Option<Result<String, String>>,
+    result: Option<Result<Decoded, String>>,
 }
 
 /// One stream's segmenter and result ordering; runs on its own thread.
@@ -285,6 +288,8 @@ struct StreamThread {
     hotwords: Option<Arc<str>>,
     /// The session's text options, applied to every result.
     text: TextOptions,
+    /// Tencent `word_info`: 0 no words, 1 words without punctuation, 2 with it.
+    word_info: u8,
     cfg: SegmenterConfig,
     events: mpsc::Sender<ProviderEvent>,
     self_tx: std_mpsc::Sender<Msg>,
@@ -528,7 +533,7 @@ impl StreamThread {
     /// A tentative decode answered: it is the final if that was confirmed meanwhile, a partial
     /// now and kept as the final-to-be if the utterance is still in its closing silence, a
     /// partial if it was demoted, ignored if withdrawn.
-    fn on_tentative_decoded(&mut self, id: u64, result: Result<String, String>) -> bool {
+    fn on_tentative_decoded(&mut self, id: u64, result: Result<Decoded, String>) -> bool {
         if let Some((utterance, start_ms, end_ms)) = self.awaited.remove(&id) {
             return self.on_decoded(utterance, DecodeKind::Final, start_ms, end_ms, result);
         }
@@ -544,21 +549,12 @@ impl StreamThread {
         // final repeats it once the silence is confirmed). It supersedes the partial in
         // flight, so without this a sentence cut by pauses shows nothing until its final, and
         // an upload that stops inside a pause shows nothing at all.
-        let preview = match &result {
-            Ok(text) if !text.is_empty() => Some(self.text.apply(text, self.lang)),
-            _ => None,
-        };
+        let decoded = result.as_ref().ok().cloned();
         t.result = Some(result);
         let (utterance, start_ms, end_ms) = (t.utterance, t.start_ms, t.end_ms);
-        match preview.filter(|text| !text.is_empty()) {
-            Some(text) => self.emit(ProviderEvent::Partial(Recognition {
-                sentence: utterance,
-                text,
-                start_ms,
-                end_ms,
-                words: None,
-            })),
-            None => true,
+        match decoded.map(|d| self.recognition(utterance, start_ms, end_ms, d)) {
+            Some(rec) if !rec.text.is_empty() => self.emit(ProviderEvent::Partial(rec)),
+            _ => true,
         }
     }
 
@@ -600,6 +596,7 @@ impl StreamThread {
             pcm: pcm.iter().map(|&s| f32::from(s) / 32768.0).collect(),
             lang: self.lang,
             kind,
+            words: self.word_info > 0,
             hotwords: self.hotwords.clone(),
             alive: Arc::clone(&self.alive),
             stale,
@@ -613,36 +610,24 @@ impl StreamThread {
         kind: DecodeKind,
         start_ms: u64,
         end_ms: u64,
-        result: Result<String, String>,
+        result: Result<Decoded, String>,
     ) -> bool {
-        let result = result.map(|t| self.text.apply(&t, self.lang));
+        let result = result.map(|d| self.recognition(utterance, start_ms, end_ms, d));
         match kind {
             DecodeKind::Partial => {
                 self.partial_in_flight = false;
                 let current = utterance == self.open_utterance
                     && !self.pending_finals.contains_key(&utterance);
                 match result {
-                    Ok(text) if current && !text.is_empty() => {
-                        self.emit(ProviderEvent::Partial(Recognition {
-                            sentence: utterance,
-                            text,
-                            start_ms,
-                            end_ms,
-                            words: None,
-                        }))
+                    Ok(rec) if current && !rec.text.is_empty() => {
+                        self.emit(ProviderEvent::Partial(rec))
                     }
                     _ => true,
                 }
             }
             DecodeKind::Final => {
                 let rec = match result {
-                    Ok(text) => Recognition {
-                        sentence: utterance,
-                        text,
-                        start_ms,
-                        end_ms,
-                        words: None,
-                    },
+                    Ok(rec) => rec,
                     Err(e) => {
                         if !self.emit(ProviderEvent::Warning {
                             code: "decode_failed".into(),
@@ -673,6 +658,37 @@ impl StreamThread {
                 }
                 true
             }
+        }
+    }
+
+    /// A decode of `utterance` (stream times `start_ms..end_ms`) as a result: the session's
+    /// text options applied, and with `word_info` its words (those still in the text; without
+    /// punctuation at 1) in stream time.
+    fn recognition(&self, utterance: u32, start_ms: u64, end_ms: u64, d: Decoded) -> Recognition {
+        let text = self.text.apply(&d.text, self.lang);
+        let words = d.words.filter(|_| self.word_info > 0).map(|words| {
+            let words = words
+                .into_iter()
+                .filter(|w| self.word_info >= 2 || w.word.chars().any(char::is_alphanumeric));
+            let mut words = in_text(words.collect(), &text);
+            for w in &mut words {
+                if self.word_info < 2 {
+                    w.word = w
+                        .word
+                        .trim_matches(|c: char| !c.is_alphanumeric())
+                        .to_string();
+                }
+                w.start_ms += start_ms;
+                w.end_ms += start_ms;
+            }
+            words
+        });
+        Recognition {
+            sentence: utterance,
+            text,
+            start_ms,
+            end_ms,
+            words,
         }
     }
 

@@ -7,10 +7,11 @@
 //! costs 0.7 s instead of 4.9 s) and has its repetition loops cut ([`cut_repetition`]); and a
 //! decode running while other workers idle borrows their cores.
 
+use super::Word;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 use whisper_rs::{
     FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
@@ -34,8 +35,19 @@ pub enum DecodeKind {
     Final,
 }
 
-/// The callback a decode job answers through: `Ok(text)`, or `Err(reason)` if skipped or failed.
-pub type DecodeReply = Box<dyn FnOnce(Result<String, String>) + Send>;
+/// A decode's answer: its text (cleaned, loops cut) and, when the job asked for them, its
+/// words with their times in the decoded audio (ms from its first sample).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// The text.
+    pub text: String,
+    /// Words (Mandarin: characters), punctuation included, each found in `text` in order.
+    pub words: Option<Vec<Word>>,
+}
+
+/// The callback a decode job answers through: `Ok(decoded)`, or `Err(reason)` if skipped or
+/// failed.
+pub type DecodeReply = Box<dyn FnOnce(Result<Decoded, String>) + Send>;
 
 /// One decode request.
 pub struct DecodeJob {
@@ -45,6 +57,8 @@ pub struct DecodeJob {
     pub lang: &'static str,
     /// Priority class.
     pub kind: DecodeKind,
+    /// Also give the words with their times (Tencent `word_info`).
+    pub words: bool,
     /// Hot words the decode is steered towards (Whisper's initial prompt after the language's
     /// own; see [`hotword_prompt`]), or `None`.
     pub hotwords: Option<Arc<str>>,
@@ -107,6 +121,10 @@ impl WhisperEngine {
         let ctx = WhisperContext::new_with_params(path, WhisperContextParameters::default())
             .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
         let ctx = Arc::new(ctx);
+        let aligner = Arc::new(Aligner {
+            path: path.to_path_buf(),
+            ctx: OnceLock::new(),
+        });
         let shared = Arc::new((Mutex::new(Queues::default()), Condvar::new()));
         let stats = Arc::new(DecodeStats::default());
         let pool = Arc::new(ThreadBudget {
@@ -122,11 +140,12 @@ impl WhisperEngine {
             let stats = Arc::clone(&stats);
             let ctx = Arc::clone(&ctx);
             let pool = Arc::clone(&pool);
+            let aligner = Arc::clone(&aligner);
             std::thread::Builder::new()
                 .name(format!("decode-{i}"))
                 .spawn(move || {
                     let _model = ctx; // the context must outlive its states
-                    worker_loop(state, &shared, &stats, &pool);
+                    worker_loop(state, &shared, &stats, &pool, &aligner);
                 })?;
         }
         tracing::info!(model = %path.display(), workers, threads, load_ms = started.elapsed().as_millis() as u64, "whisper model loaded");
@@ -217,12 +236,47 @@ fn threads_for(min: usize, cpus: usize, busy: usize) -> usize {
     min.max(cpus / busy.max(1))
 }
 
+/// The model loaded a second time with token alignment (DTW over Whisper-base's alignment
+/// heads, whisper.cpp's `dtw_token_timestamps`), for decodes that want word times
+/// (`word_info`). Loaded at the first such decode: alignment costs every decode of a context
+/// about 8 % (measured: 6 Mandarin fixtures × 3, release, 2 cores), which sessions without
+/// `word_info` should not pay. whisper.cpp's other token times (from timestamp tokens) were
+/// measured wrong here: every character at the sentence's start or end.
+struct Aligner {
+    path: std::path::PathBuf,
+    ctx: OnceLock<Result<Arc<WhisperContext>, String>>,
+}
+
+impl Aligner {
+    /// A new decode state of the aligning context (loading it once).
+    fn state(&self) -> Result<(Arc<WhisperContext>, WhisperState), String> {
+        let ctx = self.ctx.get_or_init(|| {
+            let mut params = WhisperContextParameters::default();
+            params.dtw_parameters(whisper_rs::DtwParameters {
+                mode: whisper_rs::DtwMode::ModelPreset {
+                    model_preset: whisper_rs::DtwModelPreset::Base,
+                },
+                dtw_mem_size: 128 * 1024 * 1024,
+            });
+            WhisperContext::new_with_params(&self.path, params)
+                .map(Arc::new)
+                .map_err(|e| format!("loading the aligning model: {e}"))
+        });
+        let ctx = ctx.clone()?;
+        let state = ctx.create_state().map_err(|e| e.to_string())?;
+        Ok((ctx, state))
+    }
+}
+
 fn worker_loop(
     mut state: WhisperState,
     shared: &(Mutex<Queues>, Condvar),
     stats: &DecodeStats,
     pool: &ThreadBudget,
+    aligner: &Aligner,
 ) {
+    // This worker's state of the aligning context, once a decode wanted words.
+    let mut aligning: Option<(Arc<WhisperContext>, WhisperState)> = None;
     let (lock, cv) = shared;
     loop {
         let job = {
@@ -250,7 +304,17 @@ fn worker_loop(
         }
         let started = Instant::now();
         let threads = pool.start();
-        let result = decode(&mut state, &job, threads);
+        if job.words && aligning.is_none() {
+            match aligner.state() {
+                Ok(pair) => aligning = Some(pair),
+                Err(e) => tracing::warn!(error = %e, "word times unavailable"),
+            }
+        }
+        let result = match aligning.as_mut().filter(|_| job.words) {
+            Some((_, aligned)) => decode(aligned, &job, threads),
+            // No aligning context: the text without words.
+            None => decode(&mut state, &job, threads).map(|d| Decoded { words: None, ..d }),
+        };
         pool.end();
         let took = started.elapsed();
         if !job.pcm.is_empty() {
@@ -336,7 +400,7 @@ fn unwanted(alive: &AtomicBool, stale: Option<&AtomicBool>) -> bool {
 /// Runs one job. A job whose stream ends, or that turns stale while it runs (a partial whose
 /// sentence ended, an early final withdrawn), is aborted between two steps of the model: its
 /// core goes to the decode that replaces it.
-fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<String, String> {
+fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<Decoded, String> {
     let (pcm, lang, kind) = (&job.pcm[..], job.lang, job.kind);
     // whisper.cpp ignores input shorter than 1 s; pad with silence.
     let mut padded;
@@ -353,6 +417,7 @@ fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<S
     p.set_language(Some(lang));
     p.set_no_context(true);
     p.set_single_segment(true);
+    // Token times need the timestamp tokens decoded (word_info only: they cost a little).
     p.set_no_timestamps(true);
     p.set_print_special(false);
     p.set_print_progress(false);
@@ -377,8 +442,21 @@ fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<S
     ABORT_ON.with(|a| a.borrow_mut().take());
     done.map_err(|e| format!("whisper decode failed: {e}"))?;
     let mut text = String::new();
+    let mut tokens = Vec::new();
     for seg in state.as_iter() {
         text.push_str(&seg.to_str_lossy().map_err(|e| e.to_string())?);
+        if job.words {
+            for i in 0..seg.n_tokens() {
+                let Some(t) = seg.get_token(i) else { continue };
+                let d = t.token_data();
+                if let Ok(bytes) = t.to_bytes() {
+                    tokens.push(Token {
+                        bytes: bytes.to_vec(),
+                        at: d.t_dtw,
+                    });
+                }
+            }
+        }
     }
     let mut text = clean_text(&text, lang);
     if let Some(words) = job.hotwords.as_deref() {
@@ -388,7 +466,106 @@ fn decode(state: &mut WhisperState, job: &DecodeJob, threads: usize) -> Result<S
             text.clear();
         }
     }
-    Ok(cut_repetition(&text))
+    let text = cut_repetition(&text);
+    let words = job
+        .words
+        .then(|| in_text(words_of(&tokens, lang, pcm.len()), &text));
+    Ok(Decoded { text, words })
+}
+
+/// One decoded token: its bytes (a token may end inside a UTF-8 character) and where the
+/// decoder's attention aligned it with the audio (DTW over the alignment heads, `t_dtw`), in
+/// whisper.cpp's 10 ms units (-1: none).
+struct Token {
+    bytes: Vec<u8>,
+    at: i64,
+}
+
+/// Longest a sentence's last word is taken to last past its aligned start, ms.
+const LAST_WORD_MS: u64 = 400;
+
+/// The words of a decode from its tokens: Mandarin one per character (Simplified), other
+/// languages split where a token starts with a space. Special tokens (`[_BEG_]`, `<|...|>`)
+/// are skipped. A word starts where its first token is aligned (never before the word ahead
+/// of it) and ends where the next word starts (the last one [`LAST_WORD_MS`] later); times are
+/// clamped to the decoded audio (`samples` at 16 kHz), ms.
+fn words_of(tokens: &[Token], lang: &str, samples: usize) -> Vec<Word> {
+    let max_ms = (samples / 16) as u64;
+    let ms = |t: i64| (u64::try_from(t).unwrap_or(0) * 10).min(max_ms);
+    let mut words: Vec<Word> = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut pending_at = 0;
+    for t in tokens {
+        if t.bytes.starts_with(b"[_") || t.bytes.starts_with(b"<|") {
+            continue;
+        }
+        if pending.is_empty() {
+            pending_at = t.at;
+        }
+        pending.extend_from_slice(&t.bytes);
+        let valid = match std::str::from_utf8(&pending) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        if valid == 0 {
+            continue;
+        }
+        let piece = String::from_utf8_lossy(&pending[..valid]).into_owned();
+        pending.drain(..valid);
+        let start = ms(pending_at);
+        if lang == "zh" {
+            for c in fast2s::convert(&piece)
+                .chars()
+                .filter(|c| !c.is_whitespace())
+            {
+                words.push(Word {
+                    word: c.to_string(),
+                    start_ms: start,
+                    end_ms: start,
+                });
+            }
+        } else {
+            let starts_word = piece.starts_with(' ') || words.is_empty();
+            let piece = piece.trim();
+            match words.last_mut() {
+                Some(w) if !starts_word => w.word.push_str(piece),
+                _ if !piece.is_empty() => words.push(Word {
+                    word: piece.to_string(),
+                    start_ms: start,
+                    end_ms: start,
+                }),
+                _ => {}
+            }
+        }
+        pending_at = t.at;
+    }
+    // Aligned times only grow; a word ends where the next one starts.
+    for i in 1..words.len() {
+        words[i].start_ms = words[i].start_ms.max(words[i - 1].start_ms);
+    }
+    for i in 0..words.len() {
+        words[i].end_ms = match words.get(i + 1) {
+            Some(next) => next.start_ms,
+            None => (words[i].start_ms + LAST_WORD_MS).min(max_ms),
+        };
+    }
+    words
+}
+
+/// The words found in `text` in order (each after the previous one); the others (tags
+/// [`clean_text`] dropped, a loop [`cut_repetition`] cut, text options that rewrote them) go.
+pub fn in_text(words: Vec<Word>, text: &str) -> Vec<Word> {
+    let mut at = 0;
+    words
+        .into_iter()
+        .filter(|w| match text[at..].find(&w.word) {
+            Some(i) if !w.word.is_empty() => {
+                at += i + w.word.len();
+                true
+            }
+            _ => false,
+        })
+        .collect()
 }
 
 /// Longest hot-word prompt, characters: Whisper keeps at most half its 448-token text context
@@ -522,6 +699,65 @@ mod tests {
         assert_eq!(threads_for(1, 2, 3), 1);
         assert_eq!(threads_for(3, 2, 1), 3);
         assert_eq!(threads_for(1, 8, 3), 2);
+    }
+
+    fn tok(s: &[u8], at: i64) -> Token {
+        Token {
+            bytes: s.to_vec(),
+            at,
+        }
+    }
+
+    #[test]
+    fn tokens_become_characters_or_words_with_times() {
+        // "今天" where 天's three bytes come in two tokens; a special token; a comma.
+        let tian = "天".as_bytes();
+        let zh = [
+            tok(b"[_BEG_]", 0),
+            tok("今".as_bytes(), 10),
+            tok(&tian[..1], 40),
+            tok(&tian[1..], 50),
+            tok("，".as_bytes(), 70),
+        ];
+        let w = words_of(&zh, "zh", 16_000);
+        let got: Vec<(&str, u64, u64)> = w
+            .iter()
+            .map(|w| (w.word.as_str(), w.start_ms, w.end_ms))
+            .collect();
+        assert_eq!(got, [("今", 100, 400), ("天", 400, 700), ("，", 700, 1000)]);
+        // English: a token starting with a space starts a word; an alignment that goes back
+        // is held; times clamp to the audio.
+        let en = [
+            tok(b" go", 0),
+            tok(b" for", 30),
+            tok(b"ward", 50),
+            tok(b" ten", 20),
+            tok(b".", 500),
+        ];
+        let w = words_of(&en, "en", 16_000);
+        let got: Vec<(&str, u64, u64)> = w
+            .iter()
+            .map(|w| (w.word.as_str(), w.start_ms, w.end_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [("go", 0, 300), ("forward", 300, 300), ("ten.", 300, 700)]
+        );
+    }
+
+    #[test]
+    fn only_words_found_in_the_text_in_order_stay() {
+        let w = |s: &str| Word {
+            word: s.into(),
+            start_ms: 0,
+            end_ms: 0,
+        };
+        let words = vec![w("今"), w("天"), w("今"), w("天"), w("好")];
+        let kept: Vec<String> = in_text(words, "今天好")
+            .into_iter()
+            .map(|w| w.word)
+            .collect();
+        assert_eq!(kept, ["今", "天", "好"]);
     }
 
     #[test]

@@ -390,6 +390,100 @@ async fn finalize_ends_the_sentence_at_its_chunk_and_the_session_goes_on() {
     assert_eq!(body["error"]["code"], "session_closed");
 }
 
+#[tokio::test]
+async fn word_info_gives_each_final_its_words_with_times() {
+    let app = spawn_app().await;
+    let check = |f: &Value, with_punct: bool| {
+        let words = f["words"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no words: {f}"));
+        assert!(!words.is_empty(), "{f}");
+        let (start, end) = (
+            f["start_ms"].as_u64().unwrap(),
+            f["end_ms"].as_u64().unwrap(),
+        );
+        let mut last = start;
+        for w in words {
+            let (a, b) = (
+                w["start_ms"].as_u64().unwrap(),
+                w["end_ms"].as_u64().unwrap(),
+            );
+            assert!(
+                a >= last.saturating_sub(10) && a <= b,
+                "times go forward: {f}"
+            );
+            assert!(
+                b <= end + 700,
+                "inside the sentence and its closing silence: {f}"
+            );
+            last = a;
+            let punct = w["word"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .all(|c| !c.is_alphanumeric());
+            assert!(with_punct || !punct, "word_info 1 has no punctuation: {f}");
+        }
+        // Aligned with the speech, not piled at one end: they spread over the sentence.
+        let at = |w: &Value| w["start_ms"].as_u64().unwrap();
+        let spread = at(words.last().unwrap()) - at(&words[0]);
+        assert!(
+            words.len() < 3 || spread * 3 >= end - start,
+            "words spread: {f}"
+        );
+        words
+            .iter()
+            .map(|w| w["word"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    // Mandarin, 1: one word per character, together the text without its punctuation.
+    let (pcm, _) = mandarin_corpus().remove(1); // 请帮我打开客厅的灯。
+    let s = app
+        .create(json!({"engine": "16k_zh", "word_info": 1}))
+        .await;
+    let events = app.stream_pcm(&s, &pcm, 200, false).await;
+    let f = events
+        .iter()
+        .find(|e| e["type"] == "final" && e["text"] != "")
+        .unwrap();
+    let text: String = f["text"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .collect();
+    assert_eq!(check(f, false).concat(), text, "{f}");
+    // 2: punctuation too.
+    let s = app
+        .create(json!({"engine": "16k_zh", "word_info": 2}))
+        .await;
+    let events = app.stream_pcm(&s, &pcm, 200, false).await;
+    let f = events
+        .iter()
+        .find(|e| e["type"] == "final" && e["text"] != "")
+        .unwrap();
+    assert_eq!(check(f, true).concat(), f["text"].as_str().unwrap(), "{f}");
+    // English: words, in the order of the text.
+    let (pcm, _) = english_corpus().pop().unwrap(); // go forward ten meters
+    let s = app
+        .create(json!({"engine": "16k_en", "word_info": 1}))
+        .await;
+    let events = app.stream_pcm(&s, &pcm, 200, false).await;
+    let f = events
+        .iter()
+        .find(|e| e["type"] == "final" && e["text"] != "")
+        .unwrap();
+    let words = check(f, false).join(" ").to_lowercase();
+    assert!(words.contains("forward") && words.contains("meters"), "{f}");
+    // Without word_info: no words.
+    let s = app.create(json!({"engine": "16k_en"})).await;
+    let events = app.stream_pcm(&s, &pcm, 200, false).await;
+    assert!(
+        events.iter().all(|e| e.get("words").is_none()),
+        "{events:?}"
+    );
+}
+
 /// `pcm` cut to its speech (30 ms frames within 20 dB of the loudest), with 50 ms either side.
 fn trim_to_speech(pcm: &[i16]) -> &[i16] {
     let rms: Vec<f64> = pcm
