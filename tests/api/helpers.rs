@@ -340,6 +340,19 @@ impl TestApp {
 
     /// Every event of the session as the long-poll delivers it, in order, until its end.
     pub fn events_in_background(&self, s: &TestSession) -> tokio::task::JoinHandle<Vec<Value>> {
+        self.follow_in_background(s, Vec::new(), |seen, events| {
+            seen.extend(events.iter().cloned());
+        })
+    }
+
+    /// Long-polls the session from cursor 0 until its end in a task, folding every page's
+    /// events into `acc` as they arrive; the task answers `acc`.
+    fn follow_in_background<T: Send + 'static>(
+        &self,
+        s: &TestSession,
+        mut acc: T,
+        mut on_page: impl FnMut(&mut T, &[Value]) + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
         let (http, url, id, token) = (
             self.http.clone(),
             self.url.clone(),
@@ -347,12 +360,12 @@ impl TestApp {
             s.token.clone(),
         );
         tokio::spawn(async move {
-            let (mut cursor, mut seen) = (0, Vec::new());
+            let mut cursor = 0;
             loop {
                 let page = events_page(&http, &url, &id, &token, cursor).await;
-                seen.extend(page["events"].as_array().expect("events").iter().cloned());
+                on_page(&mut acc, page["events"].as_array().expect("events"));
                 if page["done"] == true {
-                    return seen;
+                    return acc;
                 }
                 cursor = page["next_cursor"].as_u64().expect("cursor");
             }
@@ -365,27 +378,9 @@ impl TestApp {
         s: &TestSession,
         kind: &'static str,
     ) -> tokio::task::JoinHandle<Vec<std::time::Instant>> {
-        let (http, url, id, token) = (
-            self.http.clone(),
-            self.url.clone(),
-            s.id.clone(),
-            s.token.clone(),
-        );
-        tokio::spawn(async move {
-            let (mut cursor, mut at) = (0, Vec::new());
-            loop {
-                let page = events_page(&http, &url, &id, &token, cursor).await;
-                let events = page["events"].as_array().expect("events").iter();
-                at.extend(
-                    events
-                        .filter(|e| e["type"] == kind)
-                        .map(|_| std::time::Instant::now()),
-                );
-                if page["done"] == true {
-                    return at;
-                }
-                cursor = page["next_cursor"].as_u64().expect("cursor");
-            }
+        self.follow_in_background(s, Vec::new(), move |at, events| {
+            let now = std::time::Instant::now();
+            at.extend(events.iter().filter(|e| e["type"] == kind).map(|_| now));
         })
     }
 

@@ -438,42 +438,21 @@ async fn word_info_gives_each_final_its_words_with_times() {
     };
     // Mandarin, 1: one word per character, together the text without its punctuation.
     let (pcm, _) = mandarin_corpus().remove(1); // 请帮我打开客厅的灯。
-    let s = app
-        .create(json!({"engine": "16k_zh", "word_info": 1}))
-        .await;
-    let events = app.stream_pcm(&s, &pcm, 200, false).await;
-    let f = events
-        .iter()
-        .find(|e| e["type"] == "final" && e["text"] != "")
-        .unwrap();
+    let f = first_final(&app, json!({"engine": "16k_zh", "word_info": 1}), &pcm).await;
     let text: String = f["text"]
         .as_str()
         .unwrap()
         .chars()
         .filter(|c| c.is_alphanumeric())
         .collect();
-    assert_eq!(check(f, false).concat(), text, "{f}");
+    assert_eq!(check(&f, false).concat(), text, "{f}");
     // 2: punctuation too.
-    let s = app
-        .create(json!({"engine": "16k_zh", "word_info": 2}))
-        .await;
-    let events = app.stream_pcm(&s, &pcm, 200, false).await;
-    let f = events
-        .iter()
-        .find(|e| e["type"] == "final" && e["text"] != "")
-        .unwrap();
-    assert_eq!(check(f, true).concat(), f["text"].as_str().unwrap(), "{f}");
+    let f = first_final(&app, json!({"engine": "16k_zh", "word_info": 2}), &pcm).await;
+    assert_eq!(check(&f, true).concat(), f["text"].as_str().unwrap(), "{f}");
     // English: words, in the order of the text.
     let (pcm, _) = english_corpus().pop().unwrap(); // go forward ten meters
-    let s = app
-        .create(json!({"engine": "16k_en", "word_info": 1}))
-        .await;
-    let events = app.stream_pcm(&s, &pcm, 200, false).await;
-    let f = events
-        .iter()
-        .find(|e| e["type"] == "final" && e["text"] != "")
-        .unwrap();
-    let words = check(f, false).join(" ").to_lowercase();
+    let f = first_final(&app, json!({"engine": "16k_en", "word_info": 1}), &pcm).await;
+    let words = check(&f, false).join(" ").to_lowercase();
     assert!(words.contains("forward") && words.contains("meters"), "{f}");
     // Without word_info: no words.
     let s = app.create(json!({"engine": "16k_en"})).await;
@@ -482,6 +461,16 @@ async fn word_info_gives_each_final_its_words_with_times() {
         events.iter().all(|e| e.get("words").is_none()),
         "{events:?}"
     );
+}
+
+/// The first final with text of a session opened with `opts` and sent `pcm` at once.
+async fn first_final(app: &TestApp, opts: Value, pcm: &[i16]) -> Value {
+    let s = app.create(opts).await;
+    let events = app.stream_pcm(&s, pcm, 200, false).await;
+    events
+        .into_iter()
+        .find(|e| e["type"] == "final" && e["text"] != "")
+        .unwrap_or_else(|| panic!("no final with text"))
 }
 
 /// `pcm` cut to its speech (30 ms frames within 20 dB of the loudest), with 50 ms either side.
