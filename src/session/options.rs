@@ -83,6 +83,10 @@ impl CreateOptions {
                 return Err(InvalidOption(format!("{name} must be between 0 and {max}")));
             }
         }
+        // Tencent's modes are 0, 1 and 3 (shared/providers.md §1.2): 2 is no mode.
+        if self.convert_num_mode == Some(2) {
+            return Err(InvalidOption("convert_num_mode must be 0, 1 or 3".into()));
+        }
         Ok(StreamOptions {
             engine: self.engine(),
             partials: self.partials.unwrap_or(true),
