@@ -94,7 +94,12 @@ async function launch (bin, wav) {
     page,
     evaluate,
     close: () => new Promise((resolve) => {
-      proc.once('exit', () => { fs.rmSync(profile, { recursive: true, force: true }); resolve() })
+      proc.once('exit', () => {
+        // Chromium's helper processes may still write into the profile after the main one
+        // exits (ENOTEMPTY was seen once): retry, and never fail a test over a temp directory.
+        try { fs.rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 }) } catch (e) {}
+        resolve()
+      })
       try { ws.close() } catch (e) {}
       proc.kill('SIGKILL')
     }),
