@@ -408,11 +408,7 @@ impl StreamThread {
                         result: None,
                     });
                 }
-                Segment::Resumed { .. } => {
-                    if !self.demote_tentative() {
-                        return false;
-                    }
-                }
+                Segment::Resumed { .. } => self.demote_tentative(),
                 Segment::Partial {
                     utterance,
                     pcm,
@@ -514,19 +510,12 @@ impl StreamThread {
     /// running: it stands as the partial in flight (superseded like one). Its credit comes back.
     /// A tentative's decode supersedes the partial in flight, so without this a client would
     /// see no text at all for a sentence with pauses until its final.
-    fn demote_tentative(&mut self) -> bool {
-        let Some(t) = self.withdraw_tentative() else {
-            return true;
-        };
-        match t.result {
-            // Published as a partial when it was decoded.
-            Some(_) => true,
-            None => {
-                self.partial_in_flight = true;
-                self.partial_stale = t.stale;
-                self.demoted = Some((t.id, t.utterance, t.start_ms, t.end_ms));
-                true
-            }
+    fn demote_tentative(&mut self) {
+        // Decoded already: it was published as a partial then.
+        if let Some(t) = self.withdraw_tentative().filter(|t| t.result.is_none()) {
+            self.partial_in_flight = true;
+            self.partial_stale = t.stale;
+            self.demoted = Some((t.id, t.utterance, t.start_ms, t.end_ms));
         }
     }
 

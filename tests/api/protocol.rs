@@ -200,7 +200,9 @@ async fn bad_requests_get_json_errors() {
     // Tencent's number modes are 0, 1 and 3; filter_punc 2 is the REST API's "drop all".
     let r = post(r#"{"convert_num_mode": 2}"#).await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = post(r#"{"filter_punc": 2, "convert_num_mode": 3}"#).await.unwrap();
+    let r = post(r#"{"filter_punc": 2, "convert_num_mode": 3}"#)
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     // null is "not given" (openapi.yaml says so), as a JS client sends for an unset field.
     let r = post(r#"{"provider": null, "engine": null}"#).await.unwrap();
