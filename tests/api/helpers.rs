@@ -384,6 +384,20 @@ impl TestApp {
         })
     }
 
+    /// `POST /v1/recognize{query}` with `body` as `ctype`; returns (status, JSON body or null).
+    pub async fn recognize(&self, query: &str, ctype: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/recognize{query}", self.url))
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// GET `path` (e.g. `/ready`); returns (status, JSON body or null).
     pub async fn get_path(&self, path: &str) -> (StatusCode, Value) {
         let r = self

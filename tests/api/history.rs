@@ -12,16 +12,9 @@ async fn list(app: &TestApp, query: &str) -> (StatusCode, Value) {
 
 async fn one_shot(app: &TestApp) -> String {
     let pcm = pcm_bytes(&vec![0i16; 1600]);
-    let r: Value = app
-        .http
-        .post(format!("{}/v1/recognize?format=pcm&provider=echo", app.url))
-        .body(pcm)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, r) = app
+        .recognize("?format=pcm&provider=echo", "application/octet-stream", pcm)
+        .await;
     r["id"].as_str().expect("id").to_string()
 }
 

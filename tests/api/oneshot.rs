@@ -8,19 +8,6 @@ use serde_json::Value;
 
 const EXPECTED: &str = "今天天气很好，我们去公园散步吧。";
 
-async fn post_raw(app: &TestApp, query: &str, ctype: &str, body: Vec<u8>) -> (StatusCode, Value) {
-    let r = app
-        .http
-        .post(format!("{}/v1/recognize{query}", app.url))
-        .header("content-type", ctype)
-        .body(body)
-        .send()
-        .await
-        .expect("post");
-    let s = r.status();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn post_seeds(app: &TestApp, form: Form) -> (StatusCode, Value) {
     let r = app
         .http
@@ -36,7 +23,7 @@ async fn post_seeds(app: &TestApp, form: Form) -> (StatusCode, Value) {
 #[tokio::test]
 async fn raw_wav_is_recognised_and_recorded() {
     let app = spawn_app().await;
-    let (s, body) = post_raw(&app, "", "audio/wav", fixture("zh/01.wav")).await;
+    let (s, body) = app.recognize("", "audio/wav", fixture("zh/01.wav")).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let text = body["text"].as_str().unwrap();
     assert!(zh_cer(EXPECTED, text) <= 0.2, "{text}");
@@ -95,24 +82,24 @@ async fn seeds_route_takes_every_recorder_format() {
 async fn raw_uploads_detect_or_take_the_declared_format() {
     let app = spawn_app().await;
     // Octet-stream: the container is sniffed.
-    let (s, body) = post_raw(
-        &app,
-        "",
-        "application/octet-stream",
-        fixture("compressed/01-16k.mp3"),
-    )
-    .await;
+    let (s, body) = app
+        .recognize(
+            "",
+            "application/octet-stream",
+            fixture("compressed/01-16k.mp3"),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert!(zh_cer(EXPECTED, body["text"].as_str().unwrap()) <= 0.2);
     // Raw PCM needs format=pcm (and its rate).
     let pcm = pcm_bytes(&read_wav(&root().join("tests/fixtures/zh/01.wav")));
-    let (s, body) = post_raw(
-        &app,
-        "?format=pcm&sample_rate=16000",
-        "application/octet-stream",
-        pcm,
-    )
-    .await;
+    let (s, body) = app
+        .recognize(
+            "?format=pcm&sample_rate=16000",
+            "application/octet-stream",
+            pcm,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert!(zh_cer(EXPECTED, body["text"].as_str().unwrap()) <= 0.2);
     // Multipart on the v1 route with the `file` field and API option names.
@@ -140,13 +127,13 @@ async fn bad_uploads_get_clear_errors_and_the_server_stays_healthy() {
         c.max_recognize_audio_ms = 5_000;
     })
     .await;
-    let (s, body) = post_raw(
-        &app,
-        "",
-        "application/octet-stream",
-        b"this is not audio at all".to_vec(),
-    )
-    .await;
+    let (s, body) = app
+        .recognize(
+            "",
+            "application/octet-stream",
+            b"this is not audio at all".to_vec(),
+        )
+        .await;
     assert_eq!(
         (s, body["error"]["code"].as_str()),
         (
@@ -155,57 +142,61 @@ async fn bad_uploads_get_clear_errors_and_the_server_stays_healthy() {
         ),
         "{body}"
     );
-    let (s, body) = post_raw(&app, "", "text/plain", b"hello".to_vec()).await;
+    let (s, body) = app.recognize("", "text/plain", b"hello".to_vec()).await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
     // Truncated MP3 header / garbage after a valid-looking WAV header.
     let mut wav = fixture("zh/01.wav");
     wav.truncate(30);
-    let (s, body) = post_raw(&app, "", "audio/wav", wav).await;
+    let (s, body) = app.recognize("", "audio/wav", wav).await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
     let form = Form::new().part("audio", Part::bytes(Vec::new()).file_name("empty.wav"));
     let (s, body) = post_seeds(&app, form).await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "empty audio: {body}");
     // Size limit: at the edge passes the size check, one byte over fails.
-    let (s, body) = post_raw(
-        &app,
-        "?format=pcm",
-        "application/octet-stream",
-        vec![0u8; 200_001],
-    )
-    .await;
+    let (s, body) = app
+        .recognize(
+            "?format=pcm",
+            "application/octet-stream",
+            vec![0u8; 200_001],
+        )
+        .await;
     assert_eq!(
         (s, body["error"]["code"].as_str()),
         (StatusCode::PAYLOAD_TOO_LARGE, Some("audio_too_large")),
         "{body}"
     );
-    let (s, body) = post_raw(
-        &app,
-        "?format=pcm",
-        "application/octet-stream",
-        vec![0u8; 160_000],
-    )
-    .await;
+    let (s, body) = app
+        .recognize(
+            "?format=pcm",
+            "application/octet-stream",
+            vec![0u8; 160_000],
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "5000 ms exactly is allowed: {body}");
-    let (s, body) = post_raw(
-        &app,
-        "?format=pcm",
-        "application/octet-stream",
-        vec![0u8; 160_032],
-    )
-    .await;
+    let (s, body) = app
+        .recognize(
+            "?format=pcm",
+            "application/octet-stream",
+            vec![0u8; 160_032],
+        )
+        .await;
     assert_eq!(
         (s, body["error"]["code"].as_str()),
         (StatusCode::PAYLOAD_TOO_LARGE, Some("audio_too_long")),
         "{body}"
     );
     // Options.
-    let (s, body) = post_raw(&app, "?provider=nope", "audio/wav", fixture("zh/02.wav")).await;
+    let (s, body) = app
+        .recognize("?provider=nope", "audio/wav", fixture("zh/02.wav"))
+        .await;
     assert_eq!(
         (s, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_option")),
         "{body}"
     );
-    let (s, body) = post_raw(&app, "?word_info=7", "audio/wav", fixture("zh/02.wav")).await;
+    let (s, body) = app
+        .recognize("?word_info=7", "audio/wav", fixture("zh/02.wav"))
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     // Seeds route: envelope with the status as non-zero code.
     let (s, body) = post_seeds(&app, Form::new().text("engineType", "16k_zh")).await;
@@ -245,7 +236,7 @@ async fn bad_uploads_get_clear_errors_and_the_server_stays_healthy() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // Still healthy and still recognising.
-    let (s, _) = post_raw(&app, "", "audio/wav", fixture("zh/02.wav")).await;
+    let (s, _) = app.recognize("", "audio/wav", fixture("zh/02.wav")).await;
     assert_eq!(s, StatusCode::OK);
 }
 

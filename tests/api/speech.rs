@@ -207,20 +207,9 @@ async fn text_options_apply_to_every_result_of_the_embedded_engine() {
     }
     // One-shot takes them too: 03 "明天上午九点在会议室开会。" without its full stop.
     let wav = std::fs::read(root().join("tests/fixtures/zh/03.wav")).unwrap();
-    let answer: Value = app
-        .http
-        .post(format!(
-            "{}/v1/recognize?engine=16k_zh&filter_punc=1",
-            app.url
-        ))
-        .header("content-type", "audio/wav")
-        .body(wav)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, answer) = app
+        .recognize("?engine=16k_zh&filter_punc=1", "audio/wav", wav)
+        .await;
     let text = answer["text"].as_str().unwrap();
     assert!(
         text.contains("明天上午") && !text.ends_with('。'),
