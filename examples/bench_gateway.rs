@@ -7,6 +7,10 @@
 //!   wait_ms=W` long-polls it with a cursor), and none of voxpoll's work (no ordering window, no
 //!   store, no provider, no limits).
 //! - `s1`, `s2`, `s3`: the scenarios, against any URL with that API; each prints one JSON line.
+//! - `fake-tencent`: the test suite's fake Tencent real-time ASR server (`tests/api/fakes`,
+//!   signatures checked, ≤ 3× real-time pacing enforced), stamping each result text with its
+//!   send time; prints its URL. `s6` drives real-time sessions through voxpoll's Tencent
+//!   provider against it and measures what voxpoll adds between the fake's send and the poll.
 //!
 //! Every simulated client has its own HTTP/1.1 keep-alive connection(s); server CPU is read
 //! from `/proc/<pid>/stat`, memory from `/proc/<pid>/status` (`VmRSS`).
@@ -22,6 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/api/fakes/mod.rs"]
+mod fakes;
 
 #[derive(Parser)]
 struct Cli {
@@ -71,6 +79,23 @@ enum Cmd {
         #[arg(long, default_value_t = 6400)]
         body_bytes: usize,
     },
+    /// The fake Tencent real-time ASR server; prints `{"url": …}` and serves until killed.
+    FakeTencent {
+        /// Connections at once before 4006.
+        #[arg(long, default_value_t = 10_000)]
+        max_connections: usize,
+    },
+    /// Real-time sessions through the Tencent provider against `fake-tencent`: what voxpoll
+    /// adds between the fake sending a result and the result reaching a waiting poll.
+    S6 {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        sessions: usize,
+        /// Measured seconds (after a 3 s warm-up).
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -114,6 +139,12 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 body_bytes,
             } => s3(&t, concurrency, duration, body_bytes).await?,
+            Cmd::FakeTencent { max_connections } => return fake_tencent(max_connections).await,
+            Cmd::S6 {
+                t,
+                sessions,
+                duration,
+            } => s6(&t, sessions, duration).await?,
         };
         println!("{out}");
         Ok(())
@@ -644,6 +675,168 @@ async fn s3(
         "req_per_s": (all.len() as f64 / secs).round(), "requests": all.len(),
         "errors": errors.load(Ordering::Relaxed),
         "p50_ms": round3(pct(&all, 50.0)), "p99_ms": round3(pct(&all, 99.0)),
+        "server_cpu_pct": round3(cpu_pct),
+    }))
+}
+
+// ---------------------------------------------------------------- S6
+
+async fn fake_tencent(max_connections: usize) -> anyhow::Result<()> {
+    let fake = fakes::tencent::FakeTencent::start(fakes::tencent::Behavior {
+        max_connections,
+        stamp_texts: true,
+        keep_raw: false,
+        ..Default::default()
+    })
+    .await;
+    println!(
+        "{}",
+        json!({"url": fake.url, "app_id": fakes::tencent::APP_ID,
+        "secret_id": fakes::tencent::SECRET_ID, "secret_key": fakes::tencent::SECRET_KEY})
+    );
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// 200 ms (6400 B) of the S6 speaker at `chunk`: 2 s of a tone, then 1 s of silence, over and
+/// over, so the fake's energy segmentation gives a partial every 600 ms of voice and a final
+/// 300 ms into each pause.
+fn s6_chunk(chunk: u64) -> Bytes {
+    let pos_ms = (chunk * 200) % 3000;
+    let pcm: Vec<i16> = if pos_ms < 2000 {
+        fakes::tone(200)
+    } else {
+        vec![0; 3200]
+    };
+    Bytes::from(
+        pcm.iter()
+            .flat_map(|s| s.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn s6(t: &Target, sessions: usize, duration: u64) -> anyhow::Result<Value> {
+    const WARMUP: Duration = Duration::from_secs(3);
+    let made = create_many(t, sessions).await?;
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    // (ms added, the result was a final)
+    let added = Arc::new(Mutex::new(Vec::<(f64, bool)>::new()));
+    let uploads = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let (poll_errors, upload_errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for (i, (id, token)) in made.into_iter().enumerate() {
+        // Uploader: one 200 ms chunk every 200 ms, the sessions' phases spread over 200 ms.
+        let (addr, measuring_up, stop_up, uploads, errors) = (
+            t.addr.clone(),
+            Arc::clone(&measuring),
+            Arc::clone(&stop),
+            Arc::clone(&uploads),
+            Arc::clone(&upload_errors),
+        );
+        let (up_id, up_token) = (id.clone(), token.clone());
+        let offset = Duration::from_micros(200_000 * i as u64 / sessions.max(1) as u64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut conn = Conn::open(&addr).await?;
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut seq = 0u64;
+            while !stop_up.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let path = format!("/v1/sessions/{up_id}/audio?seq={seq}");
+                let t0 = Instant::now();
+                let r = conn
+                    .call("POST", &path, Some(&up_token), s6_chunk(seq))
+                    .await;
+                if matches!(r, Ok((200, _))) {
+                    if measuring_up.load(Ordering::Relaxed) {
+                        uploads
+                            .lock()
+                            .unwrap()
+                            .push(t0.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    seq += 1;
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    if r.is_err() {
+                        conn = Conn::open(&addr).await?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+        // Poller: a waiting long-poll at all times.
+        let (addr, measuring, stop, added, errors) = (
+            t.addr.clone(),
+            Arc::clone(&measuring),
+            Arc::clone(&stop),
+            Arc::clone(&added),
+            Arc::clone(&poll_errors),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&addr).await?;
+            let mut cursor = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let path = format!("/v1/sessions/{id}/events?after={cursor}&wait_ms=2000");
+                let r = conn.call("GET", &path, Some(&token), Bytes::new()).await;
+                let now = fakes::tencent::now_us();
+                let Ok((200, body)) = r else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                cursor = v["next_cursor"].as_u64().unwrap_or(cursor);
+                for ev in v["events"].as_array().into_iter().flatten() {
+                    let stamp = ev["text"]
+                        .as_str()
+                        .and_then(|x| x.rsplit_once('@'))
+                        .and_then(|(_, us)| us.parse::<u64>().ok());
+                    if let (Some(us), true) = (stamp, measuring.load(Ordering::Relaxed)) {
+                        let ms = now.saturating_sub(us) as f64 / 1000.0;
+                        added.lock().unwrap().push((ms, ev["type"] == "final"));
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(WARMUP).await;
+    measuring.store(true, Ordering::Relaxed);
+    let cpu = CpuWindow::start(t.pid);
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let cpu_pct = cpu.pct();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    let sorted = |finals: Option<bool>| {
+        let mut v: Vec<f64> = added
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, f)| finals.is_none_or(|want| *f == want))
+            .map(|(ms, _)| *ms)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (a, finals) = (sorted(None), sorted(Some(true)));
+    let mut u = uploads.lock().unwrap().clone();
+    u.sort_by(f64::total_cmp);
+    Ok(json!({
+        "scenario": "s6", "label": t.label, "sessions": sessions, "duration_s": duration,
+        "results": a.len(),
+        "added_p50_ms": round3(pct(&a, 50.0)), "added_p90_ms": round3(pct(&a, 90.0)),
+        "added_p99_ms": round3(pct(&a, 99.0)),
+        "added_max_ms": round3(a.last().copied().unwrap_or(f64::NAN)),
+        "finals": finals.len(), "final_added_p50_ms": round3(pct(&finals, 50.0)),
+        "final_added_p99_ms": round3(pct(&finals, 99.0)),
+        "uploads": u.len(), "upload_p50_ms": round3(pct(&u, 50.0)),
+        "upload_p99_ms": round3(pct(&u, 99.0)),
+        "upload_errors": upload_errors.load(Ordering::Relaxed),
+        "poll_errors": poll_errors.load(Ordering::Relaxed),
         "server_cpu_pct": round3(cpu_pct),
     }))
 }

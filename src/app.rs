@@ -111,7 +111,7 @@ pub async fn build_with_providers(
     let (store, history, cluster) = match redis_url {
         None => {
             let db = Arc::new(
-                Db::open(&config.db)
+                Db::open_with(&config.db, config.sqlite_synchronous)
                     .await
                     .with_context(|| format!("opening database {}", config.db.display()))?,
             );

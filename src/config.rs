@@ -1,6 +1,7 @@
 //! Server configuration: one declaration gives the `serve` flags, their `VOXPOLL_*` environment
 //! variables and `--help`. README.md's configuration table mirrors this file.
 
+use crate::store::sqlite::Synchronous;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +20,13 @@ pub struct Config {
     /// SQLite database file (created if missing).
     #[arg(long, env = "VOXPOLL_DB", default_value = "voxpoll.db")]
     pub db: PathBuf,
+
+    /// When SQLite syncs a commit to disk (`PRAGMA synchronous`, WAL mode): `normal`, the
+    /// default, writes each commit to the WAL file before answering (it survives the process
+    /// being killed; power loss can take back the last commits); `full` also waits for an
+    /// fsync per commit (survives power loss, costs one disk flush per group commit).
+    #[arg(long, env = "VOXPOLL_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Synchronous::Normal)]
+    pub sqlite_synchronous: Synchronous,
 
     /// Redis 7+ / Valkey shared by several replicas (`redis://[user:password@]host:port[/db]`,
     /// `rediss://…` for TLS, verified against the system trust store or the CA file named by
@@ -358,6 +366,7 @@ impl Config {
             api_keys: None,
             metrics_token: None,
             durable_acks: true,
+            sqlite_synchronous: Synchronous::Normal,
             cors_origins: Vec::new(),
             poll_hold_ms: POLL_HOLD_MS,
             poll_max_hold_ms: POLL_MAX_HOLD_MS,

@@ -195,10 +195,26 @@ impl Decoder {
     /// Downmixes and resamples interleaved s16le bytes at the source rate and channels.
     fn push_pcm(&mut self, bytes: &[u8]) -> Vec<i16> {
         let frame_bytes = 2 * usize::from(self.channels);
-        let mut data = std::mem::take(&mut self.carry);
-        data.extend_from_slice(bytes);
+        let joined: Vec<u8>;
+        let data = if self.carry.is_empty() {
+            bytes
+        } else {
+            let mut j = std::mem::take(&mut self.carry);
+            j.extend_from_slice(bytes);
+            joined = j;
+            &joined[..]
+        };
         let whole = data.len() / frame_bytes * frame_bytes;
         self.carry = data[whole..].to_vec();
+        if self.channels == 1 && self.resampler.is_none() {
+            // 16 kHz mono, what clients are asked to send: the samples as they are.
+            let out: Vec<i16> = data[..whole]
+                .chunks_exact(2)
+                .map(|s| i16::from_le_bytes([s[0], s[1]]))
+                .collect();
+            self.frames_in += out.len() as u64;
+            return out;
+        }
         let mono: Vec<f32> = data[..whole]
             .chunks_exact(frame_bytes)
             .map(|f| {

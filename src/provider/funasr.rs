@@ -229,11 +229,11 @@ impl Stream {
         let timeout = Duration::from_millis(self.settings.timeout_ms);
         let ws = match tokio::time::timeout(
             timeout,
-            tokio_tungstenite::connect_async(self.settings.url.as_str()),
+            super::connect_upstream(self.settings.url.as_str()),
         )
         .await
         {
-            Ok(Ok((ws, _))) => ws,
+            Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
                 return self
                     .fail(

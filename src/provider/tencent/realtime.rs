@@ -350,8 +350,8 @@ impl Upstream {
             }
         }
         let timeout = Duration::from_millis(self.settings.timeout_ms);
-        let ws = match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req)).await {
-            Ok(Ok((ws, _))) => ws,
+        let ws = match tokio::time::timeout(timeout, super::super::connect_upstream(req)).await {
+            Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
                 return self
                     .fail(
@@ -496,7 +496,10 @@ impl Upstream {
             } else {
                 break;
             };
-            let bytes: Vec<u8> = self.buffer.drain(..n).flat_map(i16::to_le_bytes).collect();
+            let mut bytes = Vec::with_capacity(2 * n);
+            for s in self.buffer.drain(..n) {
+                bytes.extend_from_slice(&s.to_le_bytes());
+            }
             sink.send(Message::binary(bytes)).await?;
             self.sent_samples += n as u64;
             self.credit -= 1.0;

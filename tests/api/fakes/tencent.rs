@@ -33,6 +33,11 @@ pub struct Behavior {
     pub fail_after: Option<(u64, i64)>,
     /// `fail_after` applies to connections with an index below this (all by default).
     pub fail_conns: usize,
+    /// Ends every partial and final text with `@<unix µs>` of its sending (the gateway
+    /// benchmark's S6 measures what voxpoll adds after that instant).
+    pub stamp_texts: bool,
+    /// Keeps every binary frame in [`Conn::raw`] (off for long benchmark runs).
+    pub keep_raw: bool,
 }
 
 impl Default for Behavior {
@@ -44,6 +49,8 @@ impl Default for Behavior {
             handshake_error: None,
             fail_after: None,
             fail_conns: usize::MAX,
+            stamp_texts: false,
+            keep_raw: true,
         }
     }
 }
@@ -116,6 +123,14 @@ fn now_s() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// Unix time, µs.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 #[allow(clippy::result_large_err)] // tungstenite's callback signature
@@ -253,6 +268,11 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                 text,
             } => (2, *index, *start_ms, *end_ms, text.clone()),
         };
+        let text = if b.stamp_texts && !text.is_empty() {
+            format!("{text}@{}", now_us())
+        } else {
+            text
+        };
         json!({"code": 0, "message": "success", "voice_id": voice_id, "message_id": format!("{voice_id}_{}", rand_id()),
                "result": {"slice_type": slice, "index": index, "start_time": start, "end_time": end,
                           "voice_text_str": text, "word_size": 1,
@@ -287,7 +307,9 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
                         let mut l = log.lock().unwrap();
                         let c = &mut l.conns[idx];
                         c.audio_bytes += bytes.len();
-                        c.raw.extend_from_slice(&bytes);
+                        if b.keep_raw {
+                            c.raw.extend_from_slice(&bytes);
+                        }
                         c.frames += 1;
                         if pcm.iter().all(|&s| s == 0) {
                             c.zero_bytes += bytes.len();
