@@ -160,6 +160,7 @@ pub fn route_of(path: &str) -> &'static str {
         ["v1", "sessions", _, "audio"] => "/v1/sessions/{id}/audio",
         ["v1", "sessions", _, "events"] => "/v1/sessions/{id}/events",
         ["v1", "sessions", _, "finish"] => "/v1/sessions/{id}/finish",
+        ["v1", "sessions", _, "finalize"] => "/v1/sessions/{id}/finalize",
         ["v1", "sessions", _, "ws"] => "/v1/sessions/{id}/ws",
         ["v1", "recognize"] => "/v1/recognize",
         ["v1", "audio", "transcriptions"] => "/v1/audio/transcriptions",
@@ -171,22 +172,71 @@ pub fn route_of(path: &str) -> &'static str {
     }
 }
 
-/// Records one HTTP response (called by the route tree's log filter).
+/// Records one HTTP response (called by the route tree's log filter). Labels are static
+/// strings for every route, method and common status, so recording allocates nothing.
 pub fn observe_http(path: &str, method: &str, status: u16, elapsed: Duration) {
     let route = route_of(path);
-    let status = status.to_string();
-    let labels = [
-        ("route", route.to_string()),
-        ("method", method.to_string()),
-        ("status", status),
+    let method = match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        _ => "other",
+    };
+    let status = status_label(status);
+    metrics::counter!(HTTP_RESPONSES, "route" => route, "method" => method, "status" => status.clone())
+        .increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route, "method" => method, "status" => status)
+        .record(elapsed.as_secs_f64());
+}
+
+/// A status code as a label: static for the codes voxpoll answers, formatted otherwise.
+fn status_label(code: u16) -> metrics::SharedString {
+    const KNOWN: [(u16, &str); 24] = [
+        (101, "101"),
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (206, "206"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (406, "406"),
+        (408, "408"),
+        (409, "409"),
+        (410, "410"),
+        (411, "411"),
+        (413, "413"),
+        (415, "415"),
+        (422, "422"),
+        (429, "429"),
+        (431, "431"),
+        (500, "500"),
+        (503, "503"),
+        (504, "504"),
     ];
-    metrics::counter!(HTTP_RESPONSES, &labels).increment(1);
-    metrics::histogram!(HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
+    match KNOWN.iter().find(|(c, _)| *c == code) {
+        Some((_, s)) => metrics::SharedString::const_str(s),
+        None => metrics::SharedString::from(code.to_string()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_are_the_codes() {
+        for code in [200, 201, 404, 429, 502, 599] {
+            assert_eq!(status_label(code).as_ref(), code.to_string());
+        }
+    }
 
     #[test]
     fn routes_are_templates_whatever_the_ids() {
@@ -199,6 +249,10 @@ mod tests {
             "/v1/sessions/{id}/events"
         );
         assert_eq!(route_of("/v1/sessions"), "/v1/sessions");
+        assert_eq!(
+            route_of("/v1/sessions/abc/finalize"),
+            "/v1/sessions/{id}/finalize"
+        );
         assert_eq!(route_of("/"), "/");
         assert_eq!(route_of("/v1/sessions/a/b/c/d"), "other");
         assert_eq!(route_of("/../../etc/passwd"), "other");

@@ -75,23 +75,28 @@ pub fn routes(
         .with(warp::trace::request())
 }
 
+/// The API's route groups. Each group is boxed: warp's `or` future is an enum as large as its
+/// largest branch, and hyper keeps one per request in flight, so unboxed every waiting
+/// long-poll would carry the state of the largest handler (one-shot recognition, multipart)
+/// instead of its own (`scripts/bench-gateway` S2 measures the bytes per waiting poll).
 fn api(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     ops::routes(state.clone())
-        .or(sessions::routes(state.clone()))
+        .boxed()
+        .or(sessions::routes(state.clone()).boxed())
         .unify()
-        .or(ws::routes(state.clone()))
+        .or(ws::routes(state.clone()).boxed())
         .unify()
-        .or(probe::routes(state.clone()))
+        .or(probe::routes(state.clone()).boxed())
         .unify()
-        .or(recognize::routes(state.clone()))
+        .or(recognize::routes(state.clone()).boxed())
         .unify()
-        .or(openai::routes(state.clone()))
+        .or(openai::routes(state.clone()).boxed())
         .unify()
-        .or(history::routes(state))
+        .or(history::routes(state).boxed())
         .unify()
-        .or(ui::routes())
+        .or(ui::routes().boxed())
         .unify()
 }
 
