@@ -422,7 +422,7 @@ impl SessionManager {
             };
             // A running session's chunk is acknowledged only once it is committed, also when
             // this is a retry of one whose commit is pending or failed.
-            let to_commit = running && !st.committed.contains(&seq);
+            let to_commit = running && !st.committed.contains(seq);
             (accepted, ack, to_commit, finishing)
         };
         if to_commit {

@@ -11,7 +11,7 @@ use crate::audio::AudioFormat;
 use crate::clock::now_ms;
 use crate::store::{SessionProgress, SessionRecord};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 use subtle::ConstantTimeEq;
@@ -90,7 +90,7 @@ pub(super) struct State {
     pub ingest: Ingest,
     /// Seqs whose chunk is committed to the store: only these are acknowledged (a duplicate
     /// of an uncommitted chunk writes it again before it is answered).
-    pub committed: HashSet<u64>,
+    pub committed: Committed,
     pub log: EventLog,
     pub finals: BTreeMap<u32, Sentence>,
     /// Sentences that had a partial in the log (an empty final then retracts it).
@@ -131,7 +131,7 @@ impl State {
             rate,
             status,
             ingest,
-            committed: HashSet::new(),
+            committed: Committed::default(),
             log,
             finals,
             partial_shown: HashSet::new(),
@@ -357,6 +357,33 @@ pub(super) fn parse_id(id: &str) -> Result<Uuid, SessionError> {
     Uuid::try_parse(id).map_err(|_| SessionError::NotFound(id.chars().take(64).collect()))
 }
 
+/// The set of committed chunk seqs in O(reorder window) memory: every seq below `below` is
+/// committed, plus those in `above` (commits finish out of order when uploads overlap). A
+/// plain set grew by one entry per chunk for the life of a session.
+#[derive(Debug, Default)]
+pub struct Committed {
+    below: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Committed {
+    /// True once chunk `seq` is committed.
+    pub fn contains(&self, seq: u64) -> bool {
+        seq < self.below || self.above.contains(&seq)
+    }
+
+    /// Records chunk `seq` as committed.
+    pub fn insert(&mut self, seq: u64) {
+        if seq < self.below {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&self.below) {
+            self.below += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +425,20 @@ mod tests {
             check_token_hash(&h, None),
             Err(SessionError::MissingToken)
         ));
+    }
+
+    #[test]
+    fn committed_seqs_fold_into_a_floor() {
+        let mut c = Committed::default();
+        for seq in [2, 0, 5, 1] {
+            c.insert(seq);
+        }
+        assert!([0, 1, 2, 5].iter().all(|&s| c.contains(s)));
+        assert!(![3, 4, 6].iter().any(|&s| c.contains(s)));
+        assert_eq!((c.below, c.above.len()), (3, 1));
+        c.insert(1); // a retry of an old one
+        c.insert(3);
+        c.insert(4);
+        assert_eq!((c.below, c.above.len()), (6, 0));
     }
 }
