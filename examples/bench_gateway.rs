@@ -311,6 +311,32 @@ async fn create(conn: &mut Conn, body: &str) -> anyhow::Result<(String, String)>
     ))
 }
 
+/// One long-poll of session `id` after `cursor`: when its answer was read (before parsing)
+/// and its events, with `cursor` moved past them; `None` after a failed poll (counted in
+/// `errors`, then a 100 ms pause).
+async fn poll_events(
+    conn: &mut Conn,
+    (id, token): (&str, &str),
+    cursor: &mut u64,
+    wait_ms: u64,
+    errors: &AtomicU64,
+) -> Option<(Instant, Vec<Value>)> {
+    let path = format!("/v1/sessions/{id}/events?after={cursor}&wait_ms={wait_ms}");
+    let r = conn.call("GET", &path, Some(token), Bytes::new()).await;
+    let done = Instant::now();
+    let Ok((200, body)) = r else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        return None;
+    };
+    let mut v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    *cursor = v["next_cursor"].as_u64().unwrap_or(*cursor);
+    match v["events"].take() {
+        Value::Array(events) => Some((done, events)),
+        _ => Some((done, Vec::new())),
+    }
+}
+
 /// Creates `n` sessions over 16 connections.
 async fn create_many(t: &Target, n: usize) -> anyhow::Result<Vec<(String, String)>> {
     let per = n.div_ceil(16).max(1);
@@ -435,19 +461,14 @@ async fn s1(t: &Target, sessions: usize, rate: u64, duration: u64) -> anyhow::Re
             };
             let mut cursor = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let path = format!("/v1/sessions/{}/events?after={cursor}&wait_ms=25000", s.id);
                 *s.armed_since.lock().unwrap() = Some(Instant::now());
-                let r = conn.call("GET", &path, Some(&s.token), Bytes::new()).await;
-                let done = Instant::now();
+                let polled =
+                    poll_events(&mut conn, (&s.id, &s.token), &mut cursor, 25_000, &errors).await;
                 *s.armed_since.lock().unwrap() = None;
-                let Ok((200, body)) = r else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                let Some((done, events)) = polled else {
                     continue;
                 };
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                cursor = v["next_cursor"].as_u64().unwrap_or(cursor);
-                for ev in v["events"].as_array().into_iter().flatten() {
+                for ev in &events {
                     let Some(seq) = ev["text"].as_str().and_then(|x| x.parse::<u64>().ok()) else {
                         continue;
                     };
@@ -777,17 +798,15 @@ async fn s6(t: &Target, sessions: usize, duration: u64) -> anyhow::Result<Value>
             let mut conn = Conn::open(&addr).await?;
             let mut cursor = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let path = format!("/v1/sessions/{id}/events?after={cursor}&wait_ms=2000");
-                let r = conn.call("GET", &path, Some(&token), Bytes::new()).await;
-                let now = fakes::tencent::now_us();
-                let Ok((200, body)) = r else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                let polled =
+                    poll_events(&mut conn, (&id, &token), &mut cursor, 2_000, &errors).await;
+                let Some((done, events)) = polled else {
                     continue;
                 };
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                cursor = v["next_cursor"].as_u64().unwrap_or(cursor);
-                for ev in v["events"].as_array().into_iter().flatten() {
+                // The arrival as unix µs, to compare with the fake's stamps.
+                let now =
+                    fakes::tencent::now_us().saturating_sub(done.elapsed().as_micros() as u64);
+                for ev in &events {
                     let stamp = ev["text"]
                         .as_str()
                         .and_then(|x| x.rsplit_once('@'))
