@@ -465,6 +465,35 @@ async fn tencent_pacing_violations_are_caught_by_the_fake() {
     assert_eq!(end_reason(&events), "failed");
 }
 
+/// Upstream answers are capped at 1 MiB per message (`provider::connect_upstream`): a result
+/// just under it goes through, one just over it drops the stream (`provider_closed`).
+#[tokio::test]
+async fn tencent_answers_are_capped_at_one_mebibyte() {
+    // The JSON around the pad is a few hundred bytes.
+    for (pad, fits) in [((1 << 20) - 4096, true), ((1 << 20) + 1, false)] {
+        let fake = FakeTencent::start(Behavior {
+            pad_results: pad,
+            ..Behavior::default()
+        })
+        .await;
+        let app = spawn_app_with_providers(vec![tencent(&fake, None, |_| {})], |c| {
+            c.provider_retries = 0;
+        })
+        .await;
+        let s = app.create(json!({"provider": "tencent"})).await;
+        let events = stream_until_refused(&app, &s, &fakes::tone(2000)).await;
+        let err = events.iter().find(|e| e["type"] == "error");
+        if fits {
+            assert!(err.is_none(), "pad {pad}: {err:?}");
+            assert!(events.iter().any(|e| e["type"] == "final"), "pad {pad}");
+            assert_eq!(end_reason(&events), "finished");
+        } else {
+            assert_eq!(err.map(|e| &e["code"]), Some(&json!("provider_closed")));
+            assert_eq!(end_reason(&events), "failed");
+        }
+    }
+}
+
 #[tokio::test]
 async fn tencent_error_classes_become_error_events() {
     let cases: Vec<(Behavior, &str, &str, &str)> = vec![

@@ -38,6 +38,9 @@ pub struct Behavior {
     pub stamp_texts: bool,
     /// Keeps every binary frame in [`Conn::raw`] (off for long benchmark runs).
     pub keep_raw: bool,
+    /// Pads every result message with a `"pad"` field of this many bytes (the protocol has no
+    /// such field: a client must ignore it), to probe a client's message size limit.
+    pub pad_results: usize,
 }
 
 impl Default for Behavior {
@@ -51,6 +54,7 @@ impl Default for Behavior {
             fail_conns: usize::MAX,
             stamp_texts: false,
             keep_raw: true,
+            pad_results: 0,
         }
     }
 }
@@ -273,10 +277,14 @@ async fn serve(tcp: tokio::net::TcpStream, b: Behavior, log: Arc<Mutex<Log>>) {
         } else {
             text
         };
-        json!({"code": 0, "message": "success", "voice_id": voice_id, "message_id": format!("{voice_id}_{}", rand_id()),
+        let mut v = json!({"code": 0, "message": "success", "voice_id": voice_id, "message_id": format!("{voice_id}_{}", rand_id()),
                "result": {"slice_type": slice, "index": index, "start_time": start, "end_time": end,
                           "voice_text_str": text, "word_size": 1,
-                          "word_list": [{"word": "词", "start_time": start, "end_time": end, "stable_flag": 1}]}})
+                          "word_list": [{"word": "词", "start_time": start, "end_time": end, "stable_flag": 1}]}});
+        if b.pad_results > 0 {
+            v["pad"] = json!("x".repeat(b.pad_results));
+        }
+        v
     };
     let outcome: Result<(), (i64, String)> = async {
         loop {
