@@ -221,7 +221,7 @@ async fn stream_file(base: &str, pcm: &[i16], args: &TranscribeArgs) -> anyhow::
             tokio::time::sleep_until(due.into()).await;
         }
         let last = seq + 1 == n_chunks;
-        let body: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let body = crate::audio::le_bytes(chunk.iter().copied());
         retries += upload(&http, base, &id, &token, seq as u64, last, body).await?;
         bar.inc(1);
     }

@@ -167,7 +167,7 @@ impl Decoder {
                 self.init_resampler()?;
                 self.params_known = true;
             }
-            let pcm: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let pcm = le_bytes(samples.iter().copied());
             return Ok(self.push_pcm(&pcm));
         }
         let body: Vec<u8>;
@@ -407,6 +407,15 @@ fn need_more(buf: &[u8]) -> Result<Option<(u32, u16, usize)>, AudioError> {
     } else {
         Ok(None)
     }
+}
+
+/// Samples as s16le bytes (what every upstream and the upload API take), 2 bytes per sample.
+pub fn le_bytes(samples: impl ExactSizeIterator<Item = i16>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 * samples.len());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
 }
 
 /// Reads a whole WAV file into 16 kHz mono samples (used by `voxpoll transcribe` and tests).

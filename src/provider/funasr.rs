@@ -276,7 +276,7 @@ impl Stream {
                 m = input.recv(), if input_open => match m {
                     Some(ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. }) => {
                         for piece in pcm.chunks(9600) {
-                            let bytes: Vec<u8> = piece.iter().flat_map(|s| s.to_le_bytes()).collect();
+                            let bytes = crate::audio::le_bytes(piece.iter().copied());
                             if let Err(e) = sink.send(Message::binary(bytes)).await {
                                 return self.fail("provider_unavailable", format!("sending to FunASR failed: {e}")).await;
                             }

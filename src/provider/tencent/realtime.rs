@@ -496,10 +496,7 @@ impl Upstream {
             } else {
                 break;
             };
-            let mut bytes = Vec::with_capacity(2 * n);
-            for s in self.buffer.drain(..n) {
-                bytes.extend_from_slice(&s.to_le_bytes());
-            }
+            let bytes = crate::audio::le_bytes(self.buffer.drain(..n));
             sink.send(Message::binary(bytes)).await?;
             self.sent_samples += n as u64;
             self.credit -= 1.0;

@@ -75,10 +75,7 @@ fn payload(audio: &OneShotAudio, rate: u32) -> Result<(String, Vec<u8>), Provide
         .map_err(|e| ProviderError::AudioRejected(e.0))?;
     let mut pcm = conv.process(&audio.pcm);
     pcm.extend(conv.flush());
-    Ok((
-        "pcm".into(),
-        pcm.iter().flat_map(|s| s.to_le_bytes()).collect(),
-    ))
+    Ok(("pcm".into(), crate::audio::le_bytes(pcm.into_iter())))
 }
 
 /// Recognises `audio` with one `SentenceRecognition` call to `api_url`.
