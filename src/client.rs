@@ -80,6 +80,10 @@ pub struct Arrival {
     pub sentence: u64,
     /// The result's text.
     pub text: String,
+    /// A partial's stable prefix (the event's `stable`); `None` for other kinds or servers
+    /// that do not send it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stable: Option<String>,
     /// Stream time the result covers, ms.
     pub start_ms: u64,
     /// Stream time the result covers, ms.
@@ -343,6 +347,7 @@ async fn follow_events(
                     kind: kind.to_string(),
                     sentence: ev["sentence"].as_u64().unwrap_or(0),
                     text: ev["text"].as_str().unwrap_or("").to_string(),
+                    stable: ev["stable"].as_str().map(String::from),
                     start_ms: ev["start_ms"].as_u64().unwrap_or(0),
                     end_ms: ev["end_ms"].as_u64().unwrap_or(0),
                 });

@@ -71,6 +71,8 @@ export interface VoxpollEvent {
   type: 'speech_start' | 'partial' | 'final' | 'warning' | 'error' | 'end'
   sentence?: number
   text?: string
+  /** `partial` only: the prefix of `text` this partial and the sentence's previous one agree on. */
+  stable?: string
   start_ms?: number
   end_ms?: number
   words?: Word[]
@@ -115,13 +117,15 @@ export declare class Session {
   readonly epoch: number
   /** `ws` or `poll` once chosen. */
   readonly transport: 'ws' | 'poll' | null
-  /** Sentence index → its newest text and whether it is final. */
-  readonly sentences: Record<number, { text: string; final: boolean }>
+  /** Sentence index → its newest text, whether it is final, and its settled prefix. */
+  readonly sentences: Record<number, { text: string; final: boolean; stable: string }>
   /** Resolves with the `end` event. */
   readonly ended: Promise<VoxpollEvent>
   readonly stats: { uploads: number; uploadRetries: number; polls: number; pollRetries: number; duplicates: number; wsConnects: number; switches: number }
   /** Finals and the newest partial of every sentence, in order. */
   text(joiner?: string): string
+  /** Finals and the settled prefix (`stable`) of every open sentence: grows, does not flicker. */
+  stableText(joiner?: string): string
   /** Queues audio (an ArrayBuffer, as RecorderManager's onFrameRecorded gives); `isLast` ends it. */
   push(buffer: ArrayBuffer | null, isLast?: boolean): void
   /** Ends the audio (stops the recorder); the last sentence lands in onFinal/onEnd. */

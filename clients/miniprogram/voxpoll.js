@@ -264,6 +264,17 @@ Session.prototype.text = function (joiner) {
   return keys.map(function (k) { return self.sentences[k].text }).filter(Boolean).join(joiner || '')
 }
 
+/**
+ * The settled text: finals and, of every open sentence, the prefix its last two partials agree
+ * on (the event's `stable`). It only grows while the guesses keep to it, so it suits a display
+ * that must not flicker; `text()` is the newest guess.
+ */
+Session.prototype.stableText = function (joiner) {
+  var self = this
+  var keys = Object.keys(this.sentences).map(Number).sort(function (a, b) { return a - b })
+  return keys.map(function (k) { return self.sentences[k].stable }).filter(Boolean).join(joiner || '')
+}
+
 Session.prototype.start = function () {
   var wanted = this.client.opts.container ? 'poll' : this.client.opts.transport
   if (wanted === 'poll') return this.usePoll('configured')
@@ -547,11 +558,11 @@ Session.prototype.dispatch = function (ev) {
       if (h.onSpeechStart) h.onSpeechStart(ev, this)
       break
     case 'partial':
-      this.sentences[ev.sentence] = { text: ev.text, final: false }
+      this.sentences[ev.sentence] = { text: ev.text, final: false, stable: ev.stable || '' }
       if (h.onPartial) h.onPartial(ev, this)
       break
     case 'final':
-      this.sentences[ev.sentence] = { text: ev.text, final: true }
+      this.sentences[ev.sentence] = { text: ev.text, final: true, stable: ev.text }
       if (h.onFinal) h.onFinal(ev, this)
       break
     case 'warning':

@@ -66,6 +66,11 @@ pub struct Event {
     pub start_ms: u64,
     /// Stream time, ms.
     pub end_ms: u64,
+    /// `partial` only: the prefix of `text` that this partial and the one before it (same
+    /// sentence) agree on, which a client can show as settled ("" when nothing is agreed yet).
+    /// It grows as long as later guesses keep to it (see `stability`); the final replaces it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stable: Option<String>,
     /// Word timings where the provider gives them.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub words: Option<Vec<Word>>,
@@ -128,6 +133,7 @@ impl Event {
             text: String::new(),
             start_ms: 0,
             end_ms: 0,
+            stable: None,
             words: None,
             code: None,
             message: None,

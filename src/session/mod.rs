@@ -12,7 +12,7 @@
 //! - [`view`]: the answers as the API serves them; [`error`]: what the engine refuses;
 //! - `state`: one live session and its mutable state; `stored`: sessions as the store holds
 //!   them; `worker`: the per-session task; `replay`: audio kept for a reopened stream;
-//!   `resume`: sessions a killed process left open;
+//!   `resume`: sessions a killed process left open; `stability`: the settled prefix of partials;
 //! - [`ingest`]: chunk reassembly; [`event`]: events and the log; [`durable`]: group commit of
 //!   chunks.
 
@@ -24,6 +24,7 @@ pub mod ingest;
 pub mod options;
 mod replay;
 mod resume;
+mod stability;
 mod state;
 mod stored;
 mod timeline;

@@ -15,6 +15,7 @@ use super::event::{EndReason, Event, EventKind};
 use super::ingest::Ready;
 use super::options::SessionLimits;
 use super::replay::Replay;
+use super::stability::Agreement;
 use super::state::{Session, Status};
 use super::stored::stored;
 use super::timeline::Timeline;
@@ -98,6 +99,8 @@ pub(super) struct Worker {
     /// The provider dropped its input channel (its events say why).
     input_closed: bool,
     replay: Replay,
+    /// The stable prefix of the open sentence's partials.
+    agreement: Agreement,
     /// When the current stream was given its audio, to time its results.
     timeline: Timeline,
     /// Event seqs reserved in the store so far.
@@ -123,6 +126,7 @@ impl Worker {
             ctx,
             s,
             replay: Replay::new(up.opts.encoded.is_some()),
+            agreement: Agreement::default(),
             up,
             timeline: Timeline::default(),
             outbox: VecDeque::new(),
@@ -554,11 +558,15 @@ impl Worker {
             }
             ProviderEvent::Partial(r) => {
                 let r = self.replay.map(r);
-                self.push(Event::recognition(EventKind::Partial, r)).await;
+                let stable = self.agreement.partial(r.sentence, &r.text);
+                let mut ev = Event::recognition(EventKind::Partial, r);
+                ev.stable = Some(stable);
+                self.push(ev).await;
             }
             ProviderEvent::Final(r) => {
                 let r = self.replay.map(r);
                 self.replay.finalised(&r);
+                self.agreement.finalised(r.sentence);
                 if self
                     .push(Event::recognition(EventKind::Final, r))
                     .await

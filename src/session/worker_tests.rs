@@ -249,6 +249,43 @@ async fn results_are_logged_in_order_and_finals_only_once_stored() {
     assert_eq!(r.s.transcript(&r.s.lock()), "hello.");
 }
 
+/// Each partial carries the prefix it shares with the one before it (same sentence); a final
+/// ends the agreement, a new sentence starts its own.
+#[tokio::test]
+async fn partials_carry_the_prefix_two_guesses_agree_on() {
+    let mut r = rig().await;
+    let stable_after = |r: &Rig| {
+        let st = r.s.lock();
+        let newest = st.log.after(0, 100).into_iter().next_back().unwrap();
+        (newest.kind, newest.stable)
+    };
+    let said = [
+        (0, "今天天", Some("")),
+        (0, "今天天气很", Some("今天天")),
+        (0, "今天天气很好，", Some("今天天气很")),
+        (0, "今天天气很好。我们", Some("今天天气很好")),
+        (1, "the cat", Some("")),
+        (1, "the catalog is", Some("the ")),
+    ];
+    for (sentence, text, stable) in said {
+        r.provider_says(ProviderEvent::Partial(rec(sentence, text, 0, 100)))
+            .await;
+        assert_eq!(
+            stable_after(&r),
+            (EventKind::Partial, stable.map(String::from)),
+            "{text}"
+        );
+    }
+    r.provider_says(ProviderEvent::Final(rec(1, "the catalog is here.", 0, 300)))
+        .await;
+    assert_eq!(stable_after(&r), (EventKind::Final, None));
+    r.provider_says(ProviderEvent::Partial(rec(2, "the catalog", 300, 400)))
+        .await;
+    assert_eq!(stable_after(&r), (EventKind::Partial, Some(String::new())));
+    let json = serde_json::to_value(r.s.lock().log.after(0, 100).last().unwrap()).unwrap();
+    assert_eq!(json["stable"], "");
+}
+
 #[tokio::test]
 async fn a_failed_stream_is_reopened_and_the_unfinished_audio_replayed() {
     let mut r = rig().await;

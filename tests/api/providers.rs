@@ -175,6 +175,39 @@ async fn tencent_session_passes_options_maps_results_and_paces() {
     assert!(c.params["nonce"].len() <= 10);
 }
 
+/// A partial's `stable` is what it and the sentence's previous partial agree on: the fake's
+/// partials are "第{n}句{voiced ms}" every 600 ms of voice, so the first of a sentence has "" and
+/// every later one "第{n}句" (the numbers differ, and a number is not split).
+#[tokio::test]
+async fn partials_carry_the_prefix_two_guesses_agree_on() {
+    let rt = FakeTencent::start(Behavior::default()).await;
+    let app = spawn_app_with_providers(vec![tencent(&rt, None, |_| {})], |_| {}).await;
+    let s = app
+        .create(json!({"provider": "tencent", "engine": "16k_zh"}))
+        .await;
+    let seen = app.events_in_background(&s);
+    let mut pcm = fakes::tone(2000);
+    pcm.extend(vec![0i16; 16 * 1000]);
+    pcm.extend(fakes::tone(2000));
+    app.stream_pcm(&s, &pcm, 200, true).await;
+    let events = seen.await.unwrap();
+    let partials: Vec<_> = events.iter().filter(|e| e["type"] == "partial").collect();
+    assert!(partials.len() >= 4, "{events:?}");
+    for p in &partials {
+        let (n, text) = (p["sentence"].as_u64().unwrap(), p["text"].as_str().unwrap());
+        let expected = if text == format!("第{n}句600") {
+            String::new()
+        } else {
+            format!("第{n}句")
+        };
+        assert_eq!(p["stable"], expected.as_str(), "{p}");
+    }
+    assert!(events
+        .iter()
+        .filter(|e| e["type"] != "partial")
+        .all(|e| e.get("stable").is_none()));
+}
+
 #[tokio::test]
 async fn tencent_bridges_client_stalls_and_keeps_client_times() {
     // The fake fails a stream with 4008 after 2 s without audio; the client stalls 3.5 s.
@@ -1029,9 +1062,11 @@ async fn conformance_every_provider_gives_the_same_event_stream_shape() {
             );
             last_end = en;
         }
-        // No partial after its sentence's final.
+        // No partial after its sentence's final; each partial's stable prefix is its own.
         for (k, e) in events.iter().enumerate() {
             if e["type"] == "partial" {
+                let (text, stable) = (e["text"].as_str().unwrap(), e["stable"].as_str());
+                assert!(stable.is_some_and(|p| text.starts_with(p)), "{e}: {ctx}");
                 assert!(
                     !events[..k]
                         .iter()

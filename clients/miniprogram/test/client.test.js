@@ -49,6 +49,10 @@ function checkStream ({ seen, end }) {
   assert.equal(end.reason, 'finished')
   const finals = seen.filter((e) => e.type === 'final').map((e) => e.text).join('')
   assert.equal(end.transcript, finals)
+  for (const p of seen.filter((e) => e.type === 'partial')) {
+    assert.equal(typeof p.stable, 'string', `partial ${p.seq} has its stable prefix`)
+    assert.ok(p.text.startsWith(p.stable), `partial ${p.seq}: ${p.stable} / ${p.text}`)
+  }
   const finalIdx = seen.filter((e) => e.type === 'final').map((e) => e.sentence)
   assert.equal(new Set(finalIdx).size, finalIdx.length, 'one final per sentence')
 }
@@ -62,6 +66,7 @@ test('long-poll: full transcript of real speech, every event once and in order',
   assert.deepEqual(r.errors, [])
   assert.ok(r.seen.some((e) => e.type === 'partial'), 'partials while speaking')
   assert.ok(cer(speech.text, r.end.transcript) <= 0.2, `CER of ${r.end.transcript}`)
+  assert.equal(r.session.stableText(), r.session.text(), 'once final, the settled text is the text')
   assert.equal(r.shim.log.sockets.length, 0, 'no socket in poll mode')
 })
 

@@ -27,7 +27,16 @@
       var it = s.sentences[k]
       var span = document.createElement('span')
       span.className = it.final ? 'final' : 'partial'
-      span.textContent = it.text
+      if (!it.final && it.stable) {
+        // The settled prefix darker, the guess that may still change grey.
+        var settled = document.createElement('span')
+        settled.className = 'stable'
+        settled.textContent = it.stable
+        span.appendChild(settled)
+        span.appendChild(document.createTextNode(it.text.slice(it.stable.length)))
+      } else {
+        span.textContent = it.text
+      }
       box.appendChild(span)
       box.appendChild(document.createTextNode(' '))
     })
