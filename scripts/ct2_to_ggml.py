@@ -2,7 +2,13 @@
 """Convert a CTranslate2 Whisper model (faster-whisper layout) to whisper.cpp's ggml format.
 
 Standard library only. Usage:
-    ct2_to_ggml.py MODEL_BIN VOCABULARY_TXT OUT_GGML
+    ct2_to_ggml.py [--q8_0] MODEL_BIN VOCABULARY_TXT OUT_GGML
+
+--q8_0 stores the 2-D weight matrices (attention, MLP, token embedding) as ggml's Q8_0 (blocks of
+32 weights: one f16 scale d = max|w| / 127 and 32 int8 round(w / d), ggml's
+quantize_row_q8_0_ref), hparams ftype 2007 (GGML_FTYPE_MOSTLY_Q8_0 7 + GGML_QNT_VERSION 2 x 1000),
+as whisper.cpp's quantize tool writes it; convolutions stay f16, biases, norms and positional
+embeddings f32.
 
 Input  (CTranslate2 model.bin, spec version >= 5): u32 version; u16-length NUL-terminated spec name;
 u32 revision; u32 variable count; per variable: u16-length name, u8 rank, rank x u32 dims, u8 dtype
@@ -169,10 +175,27 @@ def openai_tensors(v, n_enc, n_dec):
     yield from ln("decoder.ln", "decoder/layer_norm")
 
 
+def q8_0(raw):
+    """f16 little-endian weights (a multiple of 32 of them) as Q8_0 blocks."""
+    out = bytearray()
+    for off in range(0, len(raw), 64):
+        block = struct.unpack("<32e", raw[off:off + 64])
+        amax = max(max(block), -min(block))
+        d = amax / 127
+        inv = 1 / d if d else 0.0
+        # roundf: halves away from zero.
+        q = [int(math.copysign(math.floor(abs(x * inv) + 0.5), x)) for x in block]
+        out += struct.pack("<e32b", d, *q)
+    return bytes(out)
+
+
 def main():
-    if len(sys.argv) != 4:
+    args = sys.argv[1:]
+    quantize = "--q8_0" in args
+    args = [a for a in args if a != "--q8_0"]
+    if len(args) != 3:
         sys.exit(__doc__)
-    model_bin, vocab_txt, out_path = sys.argv[1:]
+    model_bin, vocab_txt, out_path = args
     v = read_ct2(model_bin)
     n_enc = sum(1 for k in v if k.startswith("encoder/layer_") and k.endswith("ffn/layer_norm/gamma"))
     n_dec = sum(1 for k in v if k.startswith("decoder/layer_") and k.endswith("ffn/layer_norm/gamma"))
@@ -180,7 +203,7 @@ def main():
     n_mels = v["encoder/conv1/weight"][0][1]
     hparams = [n_vocab, v["encoder/position_encodings/encodings"][0][0], n_state,
                scalar(v, "encoder/num_heads"), n_enc, v["decoder/position_encodings/encodings"][0][0],
-               n_state, scalar(v, "decoder/num_heads"), n_dec, n_mels, 1]
+               n_state, scalar(v, "decoder/num_heads"), n_dec, n_mels, 2007 if quantize else 1]
     dec = byte_decoder()
     tokens = []
     for line in open(vocab_txt, encoding="utf-8").read().split("\n"):
@@ -203,9 +226,10 @@ def main():
             if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
                 dims = (dims[0], 1)
             as_f32 = len(dims) < 2 or name.endswith("positional_embedding") or name.endswith("conv1.bias") or name.endswith("conv2.bias")
-            payload = f16_to_f32(raw) if as_f32 else raw
+            as_q8 = quantize and not as_f32 and len(dims) == 2
+            payload = f16_to_f32(raw) if as_f32 else q8_0(raw) if as_q8 else raw
             encoded = name.encode()
-            out.write(struct.pack("<iii", len(dims), len(encoded), 0 if as_f32 else 1))
+            out.write(struct.pack("<iii", len(dims), len(encoded), 0 if as_f32 else 8 if as_q8 else 1))
             out.write(struct.pack(f"<{len(dims)}i", *reversed(dims)))
             out.write(encoded)
             out.write(payload)
