@@ -26,9 +26,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --home /data voxpoll && mkdir -p /data && chown voxpoll /data
 COPY --from=build /src/target/release/voxpoll /usr/local/bin/voxpoll
-COPY --from=build /cache/voxpoll/ggml-base.bin /opt/voxpoll/ggml-base.bin
+COPY --from=build /cache/voxpoll/ggml-base-q8_0.bin /opt/voxpoll/ggml-base-q8_0.bin
 ENV PORT=80 \
-    VOXPOLL_MODEL=/opt/voxpoll/ggml-base.bin \
+    VOXPOLL_MODEL=/opt/voxpoll/ggml-base-q8_0.bin \
     VOXPOLL_DB=/data/voxpoll.db \
     RUST_LOG=voxpoll=info,warp=warn
 # Binding port 80 as a non-root user needs the capability; hosts that set PORT override it.

@@ -330,9 +330,10 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// `$XDG_CACHE_HOME/voxpoll/ggml-base.bin`, else `~/.cache/voxpoll/ggml-base.bin`.
+/// `$XDG_CACHE_HOME/voxpoll/ggml-base-q8_0.bin`, else `~/.cache/voxpoll/ggml-base-q8_0.bin`
+/// (Whisper-base with Q8_0 weight matrices, as `scripts/fetch-model` converts it).
 pub fn default_model_path() -> PathBuf {
-    cache_dir().join("ggml-base.bin")
+    cache_dir().join("ggml-base-q8_0.bin")
 }
 
 /// voxpoll's cache directory (models live here, outside any checkout).
