@@ -45,6 +45,9 @@ CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (ended_at_ms);
 
 -- Version 3: every accepted audio chunk of a session still running, written before the upload is
 -- answered (group commit), so a restarted process resumes the session. Deleted when it ends.
+-- Since 2026-12-06 chunks go to a file per running session beside the database
+-- (src/store/chunk_files.rs); rows left by an older version are still read when their session
+-- resumes.
 CREATE TABLE IF NOT EXISTS session_chunks (
     session_id  TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     seq         INTEGER NOT NULL,              -- the chunk's seq

@@ -1,15 +1,16 @@
-//! Durable acknowledgement of chunks: an upload is answered only after its chunk is in SQLite
-//! (unless `--durable-acks false`, which writes behind).
-//! One writer task commits every chunk waiting at that moment in a single transaction (group
-//! commit), so concurrent uploads share one commit instead of queueing for one each; while a
-//! commit runs, the next batch gathers. The chunks let a restarted process resume the session
+//! Durable acknowledgement of chunks: an upload is answered only after its chunk is in the
+//! chunk store (unless `--durable-acks false`, which writes behind): the session's chunk file
+//! beside the SQLite database, or Redis.
+//! One writer task writes every chunk waiting at that moment at once (group commit: one write
+//! per session's file, one Redis transaction), so concurrent uploads share one write instead of
+//! queueing for one each; while a write runs, the next batch gathers. The chunks let a restarted process resume the session
 //! (see `SessionManager::resume_orphans`); they are deleted when the session ends.
 
 use crate::store::{ChunkRecord, SessionStore, StoreError};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-/// Most chunks in one transaction.
+/// Most chunks in one group commit.
 const MAX_BATCH: usize = 512;
 
 struct Pending {

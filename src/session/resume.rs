@@ -1,5 +1,6 @@
-//! Resuming sessions a killed process left open. Every acknowledged chunk is in
-//! `session_chunks` (see `durable.rs`) and every final, warning and error event in
+//! Resuming sessions a killed process left open. Every acknowledged chunk is in the chunk
+//! store (see `durable.rs`; SQLite deployments keep a file per running session) and every
+//! final, warning and error event in
 //! `session_events`, so a new process rebuilds the session under the same id, token and seq
 //! numbering: the ingest buffer from the chunks (duplicates still answered as duplicates), the
 //! event log from the stored events (the client's cursor stays valid), and a fresh provider

@@ -1,6 +1,7 @@
 //! Persistence of sessions and their final results, behind [`SessionStore`]: on SQLite
 //! (`sqlite`, the default) or on Redis (`redis`, the shared engine of issue 12). The store knows nothing of providers or HTTP.
 
+mod chunk_files;
 mod history_redis;
 mod history_sqlite;
 pub mod redis;
@@ -121,8 +122,9 @@ pub trait SessionStore: Send + Sync {
     fn fenced(&self, epoch: u64) -> std::sync::Arc<dyn SessionStore>;
     /// Checks the database is writable (for `/ready`).
     async fn check_writable(&self) -> Result<(), StoreError>;
-    /// Writes accepted chunks in one transaction (the group commit of uploads); idempotent on
-    /// (session, seq).
+    /// Writes accepted chunks at once (the group commit of uploads: SQLite appends them to the
+    /// sessions' chunk files, Redis in one transaction); idempotent on (session, seq): the
+    /// first write of a seq wins.
     async fn put_chunks(&self, chunks: Vec<ChunkRecord>) -> Result<(), StoreError>;
     /// A running session's stored chunks, ascending by seq.
     async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError>;

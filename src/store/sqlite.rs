@@ -1,6 +1,7 @@
 //! [`SessionStore`] on SQLite (rusqlite, pooled by deadpool). Queries are synchronous functions
 //! run through one async [`Db::call`]; the schema (`schema.sql`) is embedded and applied at open.
 
+use super::chunk_files::ChunkFiles;
 use super::{ChunkRecord, SessionProgress, SessionRecord, SessionStore, StoreError, StoredEvent};
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use deadpool::Runtime;
@@ -104,6 +105,8 @@ const AUTOCHECKPOINT_PAGES: i64 = 16_384;
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// Running sessions' chunks, beside the database file (`chunk_files`).
+    chunks: Arc<ChunkFiles>,
     /// Stops the checkpoint task when the last clone is dropped.
     _checkpoints: Arc<tokio_util::sync::DropGuard>,
 }
@@ -138,9 +141,27 @@ impl Db {
         let stop = tokio_util::sync::CancellationToken::new();
         let db = Self {
             pool: pool.clone(),
+            chunks: Arc::new(ChunkFiles::open(path, sync == Synchronous::Full)?),
             _checkpoints: Arc::new(stop.clone().drop_guard()),
         };
         db.call(migrate).await?;
+        // Chunk files of sessions that ended (their removal cut short by a crash, or a chunk
+        // written after the end) are of no use: only running sessions are resumed.
+        let running = db
+            .call(|c| {
+                let mut st =
+                    c.prepare("SELECT id FROM sessions WHERE status IN ('open', 'finishing')")?;
+                let ids = st.query_map([], |r| r.get::<_, String>(0))?;
+                ids.collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let files = Arc::clone(&db.chunks);
+        let removed = tokio::task::spawn_blocking(move || files.remove_all_but(&running))
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))??;
+        if removed > 0 {
+            tracing::info!(removed, "removed the chunk files of ended sessions");
+        }
         tokio::spawn(checkpoints(pool, stop));
         Ok(db)
     }
@@ -290,18 +311,24 @@ impl SessionStore for Db {
         end: &StoredEvent,
     ) -> Result<(), StoreError> {
         let (id, p, end) = (id.to_string(), p.clone(), end.clone());
+        let file_id = id.clone();
         self.call(move |c| {
             let tx = c.transaction()?;
             insert_event(&tx, &id, &end)?;
             write_progress(&tx, &id, &p)?;
-            // An ended session is never resumed: its audio is not needed any more.
+            // An ended session is never resumed: its audio is not needed any more (rows
+            // of databases written before the chunk files).
             tx.execute(
                 "DELETE FROM session_chunks WHERE session_id = ?1",
                 params![id],
             )?;
             tx.commit()
         })
-        .await
+        .await?;
+        let files = Arc::clone(&self.chunks);
+        tokio::task::spawn_blocking(move || files.remove(&file_id))
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))?
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -353,19 +380,10 @@ impl SessionStore for Db {
     }
 
     async fn put_chunks(&self, chunks: Vec<ChunkRecord>) -> Result<(), StoreError> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            {
-                let mut st = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO session_chunks (session_id, seq, last, data) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for ch in &chunks {
-                    st.execute(params![ch.session_id, to_i64(ch.seq), ch.last, ch.data])?;
-                }
-            }
-            tx.commit()
-        })
-        .await
+        let files = Arc::clone(&self.chunks);
+        tokio::task::spawn_blocking(move || files.append(&chunks))
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))?
     }
 
     async fn reserve_seqs(&self, id: &str, upto: u64) -> Result<(), StoreError> {
@@ -394,23 +412,37 @@ impl SessionStore for Db {
         .await
     }
 
+    /// The session's chunk file, plus any `session_chunks` rows a version before the chunk
+    /// files left for a session still running (the file's record of a seq wins).
     async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError> {
+        let (files, file_id) = (Arc::clone(&self.chunks), id.to_string());
+        let mut from_file = tokio::task::spawn_blocking(move || files.read(&file_id))
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))??;
         let id = id.to_string();
-        self.call(move |c| {
-            let mut st = c.prepare(
-                "SELECT seq, last, data FROM session_chunks WHERE session_id = ?1 ORDER BY seq",
-            )?;
-            let rows = st.query_map(params![id], |r| {
-                Ok(ChunkRecord {
-                    session_id: id.clone(),
-                    seq: r.get::<_, i64>(0)? as u64,
-                    last: r.get(1)?,
-                    data: r.get(2)?,
-                })
-            })?;
-            rows.collect()
-        })
-        .await
+        let rows = self
+            .call(move |c| {
+                let mut st = c.prepare(
+                    "SELECT seq, last, data FROM session_chunks WHERE session_id = ?1 ORDER BY seq",
+                )?;
+                let rows = st.query_map(params![id], |r| {
+                    Ok(ChunkRecord {
+                        session_id: id.clone(),
+                        seq: r.get::<_, i64>(0)? as u64,
+                        last: r.get(1)?,
+                        data: r.get(2)?,
+                    })
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        if rows.is_empty() {
+            return Ok(from_file);
+        }
+        let have: std::collections::HashSet<u64> = from_file.iter().map(|c| c.seq).collect();
+        from_file.extend(rows.into_iter().filter(|r| !have.contains(&r.seq)));
+        from_file.sort_by_key(|c| c.seq);
+        Ok(from_file)
     }
 
     /// One process owns every session of a SQLite file: nothing to fence.

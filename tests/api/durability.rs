@@ -6,6 +6,7 @@
 use crate::process::{check_log, create, drain, one_instance_transcript, speech_chunks, Server};
 use serde_json::Value;
 use std::time::Duration;
+use voxpoll::store::SessionStore;
 
 #[tokio::test]
 async fn kill_9_mid_sentence_then_restart_gives_the_same_transcript() {
@@ -110,17 +111,12 @@ async fn acks_that_are_not_durable_still_write_every_chunk_behind() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["acked_seq"], seq);
     }
-    let db = app.db_path();
+    let store = voxpoll::store::sqlite::Db::open(&app.db_path())
+        .await
+        .unwrap();
     let mut stored = 0;
     for _ in 0..100 {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        stored = c
-            .query_row(
-                "SELECT COUNT(*) FROM session_chunks WHERE session_id = ?1",
-                [&s.id],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap();
+        stored = store.chunks(&s.id).await.unwrap().len();
         if stored == 3 {
             break;
         }

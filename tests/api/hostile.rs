@@ -142,14 +142,17 @@ async fn concurrent_creates_cannot_pass_the_session_budgets_together() {
     assert_eq!(concurrent_creates(&app, 30, Some(KEY)).await, 4);
 }
 
+/// A chunk store that fails (here the session's chunk file cannot be written: a directory
+/// stands in its place) answers 503 `store_unavailable` and acknowledges nothing; once it works
+/// again the same chunk is stored once.
 #[tokio::test]
 async fn a_chunk_is_acknowledged_only_once_it_is_stored() {
     let app = spawn_app().await;
     let s = app.create(json!({"provider": "echo"})).await;
-    // Another process holds the database's write lock: the commit fails after the busy timeout.
-    let db = app.db_path();
-    let lock = rusqlite::Connection::open(&db).expect("open db");
-    lock.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let mut blocker = app.db_path().into_os_string();
+    blocker.push(".chunks");
+    let blocker = std::path::PathBuf::from(blocker).join(&s.id);
+    std::fs::create_dir_all(&blocker).expect("block the chunk file");
     let chunk = vec![7u8; 640];
     let (st, body) = app.upload(&s, "seq=0", chunk.clone()).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -157,18 +160,24 @@ async fn a_chunk_is_acknowledged_only_once_it_is_stored() {
     // Its retry is not "already received" while nothing is stored.
     let (st, body) = app.upload(&s, "seq=0", chunk.clone()).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    lock.execute_batch("ROLLBACK").expect("unlock");
+    std::fs::remove_dir(&blocker).expect("unblock");
     let (st, body) = app.upload(&s, "seq=0", chunk.clone()).await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["duplicate"], true);
-    let stored: i64 = lock
-        .query_row(
-            "SELECT COUNT(*) FROM session_chunks WHERE session_id = ?1 AND seq = 0",
-            [&s.id],
-            |r| r.get(0),
-        )
-        .expect("query");
-    assert_eq!(stored, 1, "the acknowledged chunk is in the database");
+    let store = voxpoll::store::sqlite::Db::open(&app.db_path())
+        .await
+        .expect("open the store");
+    let stored = voxpoll::store::SessionStore::chunks(&store, &s.id)
+        .await
+        .expect("read chunks");
+    assert_eq!(
+        stored
+            .iter()
+            .map(|c| (c.seq, c.data.len()))
+            .collect::<Vec<_>>(),
+        [(0, 640)],
+        "the acknowledged chunk is stored once"
+    );
 }
 
 /// A FLAC file of `frames` × 65535 samples of silence at 16 kHz mono: every frame one CONSTANT

@@ -250,6 +250,70 @@ async fn behaves_as_a_session_store(store: &dyn SessionStore) {
     store.check_writable().await.unwrap();
 }
 
+/// SQLite deployments keep chunks in a file per running session: they survive a reopen, rows
+/// an older version left in `session_chunks` are still read (the file's record of a seq wins),
+/// and a reopen removes the files of sessions that are not running.
+#[tokio::test]
+async fn sqlite_chunk_files_survive_a_reopen_and_older_rows_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chunks.db");
+    let (running, ended) = (
+        "0b9e2c4c-3333-4a4a-8a8a-000000000003",
+        "0b9e2c4c-4444-4a4a-8a8a-000000000004",
+    );
+    {
+        let db = Db::open(&path).await.unwrap();
+        db.insert_session(&record(running, "open")).await.unwrap();
+        db.insert_session(&record(ended, "finished")).await.unwrap();
+        db.put_chunks(vec![
+            chunk(running, 0, false, b"file0"),
+            chunk(running, 1, false, b"file1"),
+            // A chunk written after its session ended: nothing will ever read it.
+            chunk(ended, 7, false, b"late"),
+        ])
+        .await
+        .unwrap();
+    }
+    let c = rusqlite::Connection::open(&path).unwrap();
+    for (seq, data) in [(1, &b"row1"[..]), (2, &b"row2"[..])] {
+        c.execute(
+            "INSERT INTO session_chunks (session_id, seq, last, data) VALUES (?1, ?2, 0, ?3)",
+            rusqlite::params![running, seq, data],
+        )
+        .unwrap();
+    }
+    drop(c);
+    let mut files = path.clone().into_os_string();
+    files.push(".chunks");
+    let files = std::path::PathBuf::from(files);
+    assert!(files.join(ended).exists());
+    let db = Db::open(&path).await.unwrap();
+    assert!(
+        !files.join(ended).exists(),
+        "an ended session's file is removed"
+    );
+    assert_eq!(
+        db.chunks(running).await.unwrap(),
+        vec![
+            chunk(running, 0, false, b"file0"),
+            chunk(running, 1, false, b"file1"),
+            chunk(running, 2, false, b"row2"),
+        ]
+    );
+    db.end_session(
+        running,
+        &progress("finished", Some(2), Some("finished"), 3_000),
+        &event(1, "end"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !files.join(running).exists(),
+        "ending a session drops its file"
+    );
+    assert!(db.chunks(running).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn sqlite_store_behaves_as_a_session_store() {
     let dir = tempfile::tempdir().unwrap();

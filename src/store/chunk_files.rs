@@ -1,0 +1,261 @@
+//! Accepted audio chunks of running sessions, one append-only file per session beside the
+//! SQLite database (`<db>.chunks/<session id>`), deleted when the session ends.
+//!
+//! They used to be rows of `session_chunks`: each 6.4 KB chunk cost SQLite an overflow page, a
+//! leaf and an index page in the WAL plus their checkpoint, about half of the CPU of chunk
+//! ingest (`scripts/bench-gateway` S3) and a third of 200 streaming sessions' (S6). A group
+//! commit is now one `write(2)` per session in the batch. The durability is SQLite's at the same
+//! `synchronous` setting: with `normal` a written chunk survives the process being killed (it is
+//! in the kernel's page cache); with `full` each file written is also `fdatasync`ed (and the
+//! directory synced when a file was created) before the uploads are answered, so it survives
+//! power loss.
+//!
+//! Record layout (little-endian): `seq` u64, `last` u8, `len` u32, CRC-32 (IEEE) u32 of the
+//! preceding 13 bytes and the data, then `len` bytes of data. A reader stops at the first record
+//! that is cut short or fails its CRC (a write torn by power loss); the first record of a seq
+//! wins, as `INSERT OR IGNORE` did.
+
+use super::{ChunkRecord, StoreError};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+const HEADER: usize = 8 + 1 + 4 + 4;
+
+/// The chunk directory of one database.
+#[derive(Debug)]
+pub(super) struct ChunkFiles {
+    dir: PathBuf,
+    /// fdatasync every write (`synchronous=full`).
+    sync: bool,
+}
+
+impl ChunkFiles {
+    /// The directory beside `db` (`<db>.chunks`), created if needed.
+    ///
+    /// # Errors
+    /// The directory cannot be created.
+    pub fn open(db: &Path, sync: bool) -> Result<Self, StoreError> {
+        let mut name = db.as_os_str().to_owned();
+        name.push(".chunks");
+        let dir = PathBuf::from(name);
+        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, &e))?;
+        Ok(Self { dir, sync })
+    }
+
+    /// The file of session `id`; `None` for an id that is not a plain file name (ids are UUIDs,
+    /// so this never happens for a session voxpoll created).
+    fn file(&self, id: &str) -> Option<PathBuf> {
+        let plain = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        plain.then(|| self.dir.join(id))
+    }
+
+    /// Appends `chunks` (any sessions, any order) with one write per session.
+    ///
+    /// # Errors
+    /// A file that cannot be written (disk full, permissions): nothing of the batch may be
+    /// acknowledged.
+    pub fn append(&self, chunks: &[ChunkRecord]) -> Result<(), StoreError> {
+        let mut by_session: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+        for ch in chunks {
+            let buf = by_session.entry(ch.session_id.as_str()).or_default();
+            encode(ch, buf);
+        }
+        let mut created = false;
+        for (id, bytes) in by_session {
+            let path = self
+                .file(id)
+                .ok_or_else(|| StoreError::Pool(format!("invalid session id {id:?}")))?;
+            created |= self.sync && !path.exists();
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io_error(&path, &e))?;
+            f.write_all(&bytes).map_err(|e| io_error(&path, &e))?;
+            if self.sync {
+                f.sync_data().map_err(|e| io_error(&path, &e))?;
+            }
+        }
+        if created {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_error(&self.dir, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Session `id`'s chunks, ascending by seq (empty when it has none).
+    ///
+    /// # Errors
+    /// The file exists but cannot be read.
+    pub fn read(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError> {
+        let Some(path) = self.file(id) else {
+            return Ok(Vec::new());
+        };
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error(&path, &e)),
+        };
+        let mut out: BTreeMap<u64, ChunkRecord> = BTreeMap::new();
+        for (seq, last, data) in decode(&bytes) {
+            out.entry(seq).or_insert_with(|| ChunkRecord {
+                session_id: id.to_string(),
+                seq,
+                last,
+                data: data.to_vec(),
+            });
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Deletes session `id`'s chunks (absent already: fine).
+    ///
+    /// # Errors
+    /// The file exists but cannot be removed.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let Some(path) = self.file(id) else {
+            return Ok(());
+        };
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(io_error(&path, &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes the files of every session not in `running` (ended while a chunk was still
+    /// being written, or before a crash let its file be removed); returns how many.
+    ///
+    /// # Errors
+    /// The directory cannot be listed.
+    pub fn remove_all_but(&self, running: &[String]) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, &e))? {
+            let entry = entry.map_err(|e| io_error(&self.dir, &e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !running.contains(&name) && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> StoreError {
+    StoreError::Pool(format!("{}: {e}", path.display()))
+}
+
+/// Appends the record of `ch` to `buf`.
+fn encode(ch: &ChunkRecord, buf: &mut Vec<u8>) {
+    let start = buf.len();
+    buf.extend_from_slice(&ch.seq.to_le_bytes());
+    buf.push(u8::from(ch.last));
+    buf.extend_from_slice(&(ch.data.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&buf[start..]);
+    crc.update(&ch.data);
+    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.extend_from_slice(&ch.data);
+}
+
+/// The records of a file, (seq, last, data), up to the first one cut short or corrupt.
+fn decode(mut bytes: &[u8]) -> Vec<(u64, bool, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= HEADER {
+        let (head, rest) = bytes.split_at(HEADER);
+        let seq = u64::from_le_bytes(head[0..8].try_into().unwrap_or_default());
+        let last = head[8] == 1;
+        let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or_default()) as usize;
+        let want = u32::from_le_bytes(head[13..17].try_into().unwrap_or_default());
+        if head[8] > 1 || rest.len() < len {
+            break;
+        }
+        let (data, next) = rest.split_at(len);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head[..13]);
+        crc.update(data);
+        if crc.finalize() != want {
+            break;
+        }
+        out.push((seq, last, data));
+        bytes = next;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, seq: u64, data: &[u8]) -> ChunkRecord {
+        ChunkRecord {
+            session_id: id.into(),
+            seq,
+            last: false,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn chunks_come_back_by_session_in_seq_order_first_write_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ChunkFiles::open(&dir.path().join("v.db"), false).unwrap();
+        files
+            .append(&[rec("a", 1, b"a1"), rec("b", 0, b"b0"), rec("a", 0, b"a0")])
+            .unwrap();
+        let mut last = rec("a", 2, b"");
+        last.last = true;
+        files
+            .append(&[rec("a", 1, b"again"), last.clone()])
+            .unwrap();
+        let a = files.read("a").unwrap();
+        assert_eq!(a, vec![rec("a", 0, b"a0"), rec("a", 1, b"a1"), last]);
+        assert_eq!(files.read("b").unwrap(), vec![rec("b", 0, b"b0")]);
+        assert_eq!(files.read("none").unwrap(), vec![]);
+        files.remove("a").unwrap();
+        files.remove("a").unwrap();
+        assert_eq!(files.read("a").unwrap(), vec![]);
+        assert_eq!(files.remove_all_but(&[]).unwrap(), 1);
+        assert_eq!(files.read("b").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_tail_ends_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ChunkFiles::open(&dir.path().join("v.db"), true).unwrap();
+        files
+            .append(&[rec("s", 0, b"zero"), rec("s", 1, b"one")])
+            .unwrap();
+        let path = files.file("s").unwrap();
+        let whole = fs::read(&path).unwrap();
+        // Cut inside the second record: the first one stays.
+        fs::write(&path, &whole[..whole.len() - 2]).unwrap();
+        assert_eq!(files.read("s").unwrap(), vec![rec("s", 0, b"zero")]);
+        // A flipped byte in the second record's data fails its CRC.
+        let mut bad = whole.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 0xff;
+        fs::write(&path, &bad).unwrap();
+        assert_eq!(files.read("s").unwrap(), vec![rec("s", 0, b"zero")]);
+        // Zeros where a record should be (a file extended but never written) end it too.
+        let mut zeros = whole;
+        zeros.extend_from_slice(&[0; 64]);
+        fs::write(&path, &zeros).unwrap();
+        assert_eq!(files.read("s").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn only_plain_names_become_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ChunkFiles::open(&dir.path().join("v.db"), false).unwrap();
+        assert!(files.append(&[rec("../escape", 0, b"x")]).is_err());
+        assert_eq!(files.read("../escape").unwrap(), vec![]);
+        assert!(files.file("0b9c6f1e-4f0e-4c3a-9a57-2d3c1f5e6a7b").is_some());
+    }
+}
