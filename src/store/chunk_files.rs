@@ -135,11 +135,12 @@ impl ChunkFiles {
     /// # Errors
     /// The directory cannot be listed.
     pub fn remove_all_but(&self, running: &[String]) -> Result<usize, StoreError> {
+        let running: std::collections::HashSet<&str> = running.iter().map(String::as_str).collect();
         let mut removed = 0;
         for entry in fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, &e))? {
             let entry = entry.map_err(|e| io_error(&self.dir, &e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !running.contains(&name) && fs::remove_file(entry.path()).is_ok() {
+            if !running.contains(name.as_str()) && fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }
