@@ -70,7 +70,7 @@ impl ChunkFiles {
         for (id, bytes) in by_session {
             let path = self
                 .file(id)
-                .ok_or_else(|| StoreError::Pool(format!("invalid session id {id:?}")))?;
+                .ok_or_else(|| StoreError::Io(format!("invalid session id {id:?}")))?;
             created |= self.sync && !path.exists();
             let mut f = OpenOptions::new()
                 .create(true)
@@ -149,7 +149,7 @@ impl ChunkFiles {
 }
 
 fn io_error(path: &Path, e: &std::io::Error) -> StoreError {
-    StoreError::Pool(format!("{}: {e}", path.display()))
+    StoreError::Io(format!("{}: {e}", path.display()))
 }
 
 /// Appends the record of `ch` to `buf`.

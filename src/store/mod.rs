@@ -91,6 +91,9 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
+    /// A chunk file could not be written, read or removed (disk full, permissions).
+    #[error("chunk file error: {0}")]
+    Io(String),
 }
 
 /// Where sessions live between requests and across restarts.

@@ -155,10 +155,7 @@ impl Db {
                 ids.collect::<Result<Vec<_>, _>>()
             })
             .await?;
-        let files = Arc::clone(&db.chunks);
-        let removed = tokio::task::spawn_blocking(move || files.remove_all_but(&running))
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))??;
+        let removed = db.files(move |f| f.remove_all_but(&running)).await?;
         if removed > 0 {
             tracing::info!(removed, "removed the chunk files of ended sessions");
         }
@@ -184,6 +181,24 @@ impl Db {
             .await
             .map_err(|e| StoreError::Pool(e.to_string()))?
             .map_err(StoreError::from)
+    }
+}
+
+impl Db {
+    /// Runs `f` on the chunk files on a blocking thread (file I/O, an fdatasync with
+    /// `synchronous=full`).
+    ///
+    /// # Errors
+    /// Whatever `f` returns; a panicked blocking task.
+    async fn files<F, R>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&ChunkFiles) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let files = Arc::clone(&self.chunks);
+        tokio::task::spawn_blocking(move || f(&files))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?
     }
 }
 
@@ -325,10 +340,7 @@ impl SessionStore for Db {
             tx.commit()
         })
         .await?;
-        let files = Arc::clone(&self.chunks);
-        tokio::task::spawn_blocking(move || files.remove(&file_id))
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))?
+        self.files(move |f| f.remove(&file_id)).await
     }
 
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -380,10 +392,7 @@ impl SessionStore for Db {
     }
 
     async fn put_chunks(&self, chunks: Vec<ChunkRecord>) -> Result<(), StoreError> {
-        let files = Arc::clone(&self.chunks);
-        tokio::task::spawn_blocking(move || files.append(&chunks))
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))?
+        self.files(move |f| f.append(&chunks)).await
     }
 
     async fn reserve_seqs(&self, id: &str, upto: u64) -> Result<(), StoreError> {
@@ -415,10 +424,8 @@ impl SessionStore for Db {
     /// The session's chunk file, plus any `session_chunks` rows a version before the chunk
     /// files left for a session still running (the file's record of a seq wins).
     async fn chunks(&self, id: &str) -> Result<Vec<ChunkRecord>, StoreError> {
-        let (files, file_id) = (Arc::clone(&self.chunks), id.to_string());
-        let mut from_file = tokio::task::spawn_blocking(move || files.read(&file_id))
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))??;
+        let file_id = id.to_string();
+        let mut from_file = self.files(move |f| f.read(&file_id)).await?;
         let id = id.to_string();
         let rows = self
             .call(move |c| {
