@@ -15,6 +15,10 @@ use std::time::Duration;
 const SCHEMA: &str = include_str!("../../schema.sql");
 const SCHEMA_VERSION: i64 = 3;
 
+/// The sessions a restart resumes (and whose chunks are kept): the one definition of
+/// "running" for both.
+const RUNNING: &str = "status IN ('open', 'finishing')";
+
 /// When SQLite syncs to disk (`PRAGMA synchronous`, <https://sqlite.org/pragma.html#pragma_synchronous>),
 /// in WAL mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -149,8 +153,7 @@ impl Db {
         // written after the end) are of no use: only running sessions are resumed.
         let running = db
             .call(|c| {
-                let mut st =
-                    c.prepare("SELECT id FROM sessions WHERE status IN ('open', 'finishing')")?;
+                let mut st = c.prepare(&format!("SELECT id FROM sessions WHERE {RUNNING}"))?;
                 let ids = st.query_map([], |r| r.get::<_, String>(0))?;
                 ids.collect::<Result<Vec<_>, _>>()
             })
@@ -373,7 +376,7 @@ impl SessionStore for Db {
     async fn unfinished(&self) -> Result<Vec<(SessionRecord, u64)>, StoreError> {
         self.call(|c| {
             let mut st = c.prepare(&format!(
-                "{SELECT_SESSION} WHERE status IN ('open', 'finishing') ORDER BY created_at_ms"
+                "{SELECT_SESSION} WHERE {RUNNING} ORDER BY created_at_ms"
             ))?;
             let recs: Vec<SessionRecord> =
                 st.query_map([], row_to_record)?.collect::<Result<_, _>>()?;
