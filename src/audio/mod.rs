@@ -411,9 +411,9 @@ fn need_more(buf: &[u8]) -> Result<Option<(u32, u16, usize)>, AudioError> {
 
 /// Samples as s16le bytes (what every upstream and the upload API take), 2 bytes per sample.
 pub fn le_bytes(samples: impl ExactSizeIterator<Item = i16>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 * samples.len());
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
+    let mut out = vec![0u8; 2 * samples.len()];
+    for (d, s) in out.chunks_exact_mut(2).zip(samples) {
+        d.copy_from_slice(&s.to_le_bytes());
     }
     out
 }

@@ -56,7 +56,9 @@ pub struct TencentSettings {
     /// Concurrent real-time streams this account may open (Tencent's default is 200, older
     /// accounts 20/50; error 4006 beyond). Sessions past it get 429 at creation.
     pub max_concurrency: usize,
-    /// Audio per WebSocket frame, ms (40 ms = 1280 bytes at 16 kHz, doc's recommendation).
+    /// Most audio per WebSocket binary message, ms: 200 ms = 6400 bytes at 16 kHz, the 2026
+    /// doc's recommendation (older docs: 40 ms; both accepted, shared/providers.md §1.5). Audio
+    /// goes out as it arrives, so a client sending smaller chunks gets smaller messages.
     pub frame_ms: u64,
     /// Fastest send rate when audio is queued, × real time. Tencent rejects more than 3× (4000).
     pub catchup_speed: f64,
@@ -78,7 +80,7 @@ impl Default for TencentSettings {
             realtime_url: "wss://asr.cloud.tencent.com/asr/v2".into(),
             api_url: "https://asr.tencentcloudapi.com/".into(),
             max_concurrency: 200,
-            frame_ms: 40,
+            frame_ms: 200,
             catchup_speed: 2.0,
             bridge_after_ms: 1000,
             needvad: 1,

@@ -1,11 +1,13 @@
 //! One Tencent real-time ASR stream (WebSocket v2; doc 1093/48982, shared/providers.md §1).
 //!
 //! The task signs the handshake URL, waits for the `{"code":0}` verdict, then re-paces the
-//! session's audio: frames of `frame_ms` (40 ms = 1280 bytes at 16 kHz) on a timer, at most
-//! `catchup_speed`× real time while audio is queued (Tencent answers 4000 above 3×). When the
-//! client stalls for `bridge_after_ms`, silence is sent at real time so the upstream never sees
-//! 15 s without audio (4008); the inserted silence is recorded in a [`TimeMap`] and every result
-//! time is mapped back to the client's audio. `slice_type` 0/1 become partials, 2 finals;
+//! session's audio through a token bucket: audio goes out as soon as it arrives, in binary
+//! messages of at most `frame_ms` (200 ms = 6400 bytes at 16 kHz, the 2026 doc's
+//! recommendation; older docs said 40 ms, both are accepted, shared/providers.md §1.5), and
+//! queued audio drains at `catchup_speed`× real time with a burst of `catchup_speed` frames
+//! (Tencent answers 4000 above 3×). When the client stalls for `bridge_after_ms`, silence is
+//! sent at real time so the upstream never sees 15 s without audio (4008); the inserted silence
+//! is recorded in a [`TimeMap`] and every result time is mapped back to the client's audio. `slice_type` 0/1 become partials, 2 finals;
 //! `{"type":"end"}` is sent after the last frame and the stream is done at `final: 1`.
 //!
 //! Sessions recording MP3 or AAC at the engine's rate pass their frames through as recorded
@@ -19,6 +21,7 @@ use crate::audio::RateConverter;
 use crate::provider::{
     ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition, StreamOptions, Word,
 };
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -241,15 +244,16 @@ pub(super) fn open(
         rate,
         conv,
         events: ev_tx,
-        buffer: VecDeque::new(),
+        buffer: BytesMut::new(),
         encoded: VecDeque::new(),
         finishing: false,
         end_sent: false,
         end_deadline: None,
         sent_samples: 0,
         times: TimeMap::default(),
-        starved_since: None,
-        credit: 0.0,
+        silence_due: None,
+        allowance: 0.0,
+        refilled: Instant::now(),
     };
     tokio::spawn(
         async move {
@@ -273,8 +277,8 @@ struct Upstream {
     frame: usize,
     conv: RateConverter,
     events: mpsc::Sender<ProviderEvent>,
-    /// Client audio at `rate`, not yet sent.
-    buffer: VecDeque<i16>,
+    /// Client audio at `rate` as s16le bytes, not yet sent.
+    buffer: BytesMut,
     /// Pass-through frames not yet sent, with their duration in samples at `rate`.
     encoded: VecDeque<(Vec<u8>, u64)>,
     finishing: bool,
@@ -283,8 +287,22 @@ struct Upstream {
     /// Samples sent upstream, silence included.
     sent_samples: u64,
     times: TimeMap,
-    starved_since: Option<Instant>,
-    credit: f64,
+    /// When a silence frame is next due while nothing is queued (`None` while audio is queued,
+    /// after the input ended, and for pass-through sessions).
+    silence_due: Option<Instant>,
+    /// Token bucket: samples at `rate` that may be sent now, as of `refilled`. It refills at
+    /// `catchup_speed`× real time up to `catchup_speed` frames.
+    allowance: f64,
+    refilled: Instant,
+}
+
+/// Appends samples to `buf` as s16le bytes.
+fn put_le(buf: &mut BytesMut, samples: &[i16]) {
+    let start = buf.len();
+    buf.resize(start + 2 * samples.len(), 0);
+    for (d, s) in buf[start..].chunks_exact_mut(2).zip(samples) {
+        d.copy_from_slice(&s.to_le_bytes());
+    }
 }
 
 type Sink = futures_util::stream::SplitSink<
@@ -402,9 +420,31 @@ impl Upstream {
             }
         }
         tracing::debug!(%voice_id, engine = %self.opts.engine, "Tencent stream open");
-        let mut tick = tokio::time::interval(Duration::from_millis(self.settings.frame_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.refilled = Instant::now();
+        self.allowance = self.burst();
+        let wake = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(wake);
+        let mut due = true;
         loop {
+            if due {
+                due = false;
+                if let Err(e) = self.pace(&mut sink).await {
+                    return self
+                        .fail(
+                            "provider_unavailable",
+                            None,
+                            format!("sending to Tencent failed: {e}"),
+                        )
+                        .await;
+                }
+            }
+            let next = self.next_wake();
+            if let Some(at) = next {
+                let at = tokio::time::Instant::from_std(at);
+                if wake.deadline() != at {
+                    wake.as_mut().reset(at);
+                }
+            }
             if self.end_deadline.is_some_and(|d| Instant::now() >= d) {
                 let _ = sink.close().await;
                 return self
@@ -424,7 +464,8 @@ impl Upstream {
                 m = input.recv(), if !self.finishing => match m {
                     Some(ProviderInput::Audio(pcm)) => {
                         let out = self.conv.process(&pcm);
-                        self.buffer.extend(out);
+                        put_le(&mut self.buffer, &out);
+                        due = true;
                     }
                     Some(ProviderInput::Encoded { frames, pcm }) => {
                         // Every frame of a stream has the same sample count; the decoded audio
@@ -432,14 +473,16 @@ impl Upstream {
                         let n = frames.len().max(1) as u64;
                         let per = pcm.len() as u64 * u64::from(self.rate) / u64::from(crate::audio::TARGET_RATE) / n;
                         self.encoded.extend(frames.into_iter().map(|f| (f, per)));
+                        due = true;
                     }
                     // Never sent: Tencent's real-time protocol has no "end the sentence now"
                     // (its `{"type": "end"}` ends the stream).
                     Some(ProviderInput::Finalize) => {}
                     Some(ProviderInput::Finish) => {
                         let out = self.conv.flush();
-                        self.buffer.extend(out);
+                        put_le(&mut self.buffer, &out);
                         self.finishing = true;
+                        due = true;
                     }
                     None => {
                         // Dropped without Finish: a cancel.
@@ -447,11 +490,7 @@ impl Upstream {
                         return;
                     }
                 },
-                _ = tick.tick() => {
-                    if let Err(e) = self.pace(&mut sink).await {
-                        return self.fail("provider_unavailable", None, format!("sending to Tencent failed: {e}")).await;
-                    }
-                }
+                () = &mut wake, if next.is_some() => due = true,
                 msg = stream.next() => match msg {
                     Some(Ok(Message::Text(t))) => {
                         if self.on_text(&t).await {
@@ -468,62 +507,83 @@ impl Upstream {
         }
     }
 
-    /// Sends what the pace allows this tick: queued frames up to `catchup_speed`× real time,
-    /// silence when the client has stalled, `{"type":"end"}` once everything is out.
+    /// Largest burst the bucket holds: `catchup_speed` frames, in samples.
+    fn burst(&self) -> f64 {
+        self.settings.catchup_speed * self.frame as f64
+    }
+
+    /// Samples the bucket gains per second: `catchup_speed`× real time.
+    fn refill_per_s(&self) -> f64 {
+        self.settings.catchup_speed * f64::from(self.rate)
+    }
+
+    /// Samples the next queued message costs: a pass-through frame its duration (at most a
+    /// burst, so that a long codec frame still goes out), PCM up to one frame.
+    fn next_cost(&self) -> Option<f64> {
+        if let Some((_, samples)) = self.encoded.front() {
+            return Some((*samples as f64).min(self.burst()));
+        }
+        (!self.buffer.is_empty()).then(|| (self.buffer.len() / 2).min(self.frame) as f64)
+    }
+
+    /// When the task must run [`Self::pace`] again without new input: queued audio waiting
+    /// for the bucket, a silence frame due, or the deadline for `final: 1`.
+    fn next_wake(&self) -> Option<Instant> {
+        let refill = self.next_cost().map(|cost| {
+            let wait_s = (cost - self.allowance).max(0.0) / self.refill_per_s();
+            self.refilled + Duration::from_secs_f64(wait_s) + Duration::from_millis(1)
+        });
+        [refill, self.silence_due, self.end_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Sends what the bucket allows now, as soon as it arrives: queued messages, then
+    /// `{"type":"end"}` once everything is out after the input ended, or a silence frame when
+    /// the client has stalled for `bridge_after_ms` (then one per `frame_ms`). One flush per call.
     async fn pace(&mut self, sink: &mut Sink) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-        let speed = self.settings.catchup_speed;
-        self.credit = (self.credit + speed).min(speed);
-        let mut sent_any = false;
-        // Pass-through frames cost their duration in units of `frame_ms`.
-        while let Some((_, samples)) = self.encoded.front() {
-            let cost = *samples as f64 / self.frame as f64;
-            if self.credit < cost.min(speed) {
-                break;
-            }
-            let Some((bytes, samples)) = self.encoded.pop_front() else {
-                break;
+        let now = Instant::now();
+        let gained = now.duration_since(self.refilled).as_secs_f64() * self.refill_per_s();
+        self.allowance = (self.allowance + gained).min(self.burst());
+        self.refilled = now;
+        let mut sent = false;
+        while let Some(cost) = self.next_cost().filter(|c| *c <= self.allowance) {
+            let (bytes, samples) = match self.encoded.pop_front() {
+                Some((bytes, samples)) => (Bytes::from(bytes), samples),
+                None => {
+                    let n = cost as usize;
+                    (self.buffer.split_to(2 * n).freeze(), n as u64)
+                }
             };
-            sink.send(Message::binary(bytes)).await?;
+            sink.feed(Message::binary(bytes)).await?;
             self.sent_samples += samples;
-            self.credit -= cost;
-            sent_any = true;
+            self.allowance -= cost;
+            sent = true;
         }
-        while self.credit >= 1.0 {
-            let n = if self.buffer.len() >= self.frame {
-                self.frame
-            } else if self.finishing && !self.buffer.is_empty() {
-                self.buffer.len()
-            } else {
-                break;
-            };
-            let bytes = crate::audio::le_bytes(self.buffer.drain(..n));
-            sink.send(Message::binary(bytes)).await?;
-            self.sent_samples += n as u64;
-            self.credit -= 1.0;
-            sent_any = true;
+        let queued = !self.buffer.is_empty() || !self.encoded.is_empty();
+        if self.finishing && !queued && !self.end_sent {
+            sink.feed(Message::text(r#"{"type":"end"}"#)).await?;
+            self.end_sent = true;
+            self.end_deadline = Some(now + Duration::from_millis(self.settings.timeout_ms));
+            sent = true;
         }
-        if sent_any {
-            self.starved_since = None;
-            return Ok(());
-        }
-        if self.finishing {
-            if !self.end_sent && self.buffer.is_empty() && self.encoded.is_empty() {
-                sink.send(Message::text(r#"{"type":"end"}"#)).await?;
-                self.end_sent = true;
-                self.end_deadline =
-                    Some(Instant::now() + Duration::from_millis(self.settings.timeout_ms));
-            }
-            return Ok(());
-        }
-        let since = *self.starved_since.get_or_insert_with(Instant::now);
-        if self.opts.encoded.is_none()
-            && since.elapsed() >= Duration::from_millis(self.settings.bridge_after_ms)
-        {
+        if queued || self.finishing || self.opts.encoded.is_some() {
+            self.silence_due = None;
+        } else if sent || self.silence_due.is_none() {
+            self.silence_due = Some(now + Duration::from_millis(self.settings.bridge_after_ms));
+        } else if let Some(due) = self.silence_due.filter(|d| now >= *d) {
             let at_ms = self.upstream_ms();
-            sink.send(Message::binary(vec![0u8; self.frame * 2]))
+            sink.feed(Message::binary(vec![0u8; self.frame * 2]))
                 .await?;
             self.sent_samples += self.frame as u64;
+            self.allowance -= self.frame as f64;
             self.times.insert(at_ms, self.settings.frame_ms);
+            self.silence_due = Some(due + Duration::from_millis(self.settings.frame_ms));
+            sent = true;
+        }
+        if sent {
+            sink.flush().await?;
         }
         Ok(())
     }
