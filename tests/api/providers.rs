@@ -208,6 +208,30 @@ async fn partials_carry_the_prefix_two_guesses_agree_on() {
         .all(|e| e.get("stable").is_none()));
 }
 
+/// Audio goes upstream the moment it arrives: each chunk of a real-time client is one message,
+/// whether it sends 40 ms or 200 ms chunks (nothing waits for a timer tick or a full frame).
+#[tokio::test]
+async fn tencent_sends_each_real_time_chunk_as_it_arrives() {
+    let rt = FakeTencent::start(Behavior::default()).await;
+    let app = spawn_app_with_providers(vec![tencent(&rt, None, |_| {})], |_| {}).await;
+    let pcm = fakes::tone(2000);
+    for chunk_ms in [40, 200] {
+        let s = app
+            .create(json!({"provider": "tencent", "engine": "16k_zh"}))
+            .await;
+        let events = app.stream_pcm(&s, &pcm, chunk_ms, true).await;
+        assert_eq!(end_reason(&events), "finished", "{events:?}");
+        let c = rt.conns().pop().expect("a connection");
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        assert_eq!(c.audio_bytes, pcm.len() * 2, "{chunk_ms} ms chunks");
+        assert_eq!(
+            c.frames,
+            2000 / chunk_ms,
+            "{chunk_ms} ms chunks: one message each"
+        );
+    }
+}
+
 #[tokio::test]
 async fn tencent_bridges_client_stalls_and_keeps_client_times() {
     // The fake fails a stream with 4008 after 2 s without audio; the client stalls 3.5 s.
