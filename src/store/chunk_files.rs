@@ -16,12 +16,16 @@
 //! wins, as `INSERT OR IGNORE` did.
 
 use super::{ChunkRecord, StoreError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 const HEADER: usize = 8 + 1 + 4 + 4;
+
+/// Most chunk files kept open between appends; past it every cached one is closed.
+const OPEN_FILES: usize = 1024;
 
 /// The chunk directory of one database.
 #[derive(Debug)]
@@ -29,6 +33,9 @@ pub(super) struct ChunkFiles {
     dir: PathBuf,
     /// fdatasync every write (`synchronous=full`).
     sync: bool,
+    /// Files open for appending, by session id, so that a session's every chunk does not pay
+    /// an `open` and a `close` (at most [`OPEN_FILES`]).
+    open: Mutex<HashMap<String, File>>,
 }
 
 impl ChunkFiles {
@@ -41,7 +48,17 @@ impl ChunkFiles {
         name.push(".chunks");
         let dir = PathBuf::from(name);
         fs::create_dir_all(&dir).map_err(|e| io_error(&dir, &e))?;
-        Ok(Self { dir, sync })
+        Ok(Self {
+            dir,
+            sync,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether every write is fdatasync'ed (`synchronous=full`); without it an append only
+    /// copies into the page cache and never waits for the disk.
+    pub fn syncs(&self) -> bool {
+        self.sync
     }
 
     /// The file of session `id`; `None` for an id that is not a plain file name (ids are UUIDs,
@@ -67,21 +84,36 @@ impl ChunkFiles {
             encode(ch, buf);
         }
         let mut created = false;
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         for (id, bytes) in by_session {
             let path = self
                 .file(id)
                 .ok_or_else(|| StoreError::Io(format!("invalid session id {id:?}")))?;
-            created |= self.sync && !path.exists();
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| io_error(&path, &e))?;
-            f.write_all(&bytes).map_err(|e| io_error(&path, &e))?;
-            if self.sync {
-                f.sync_data().map_err(|e| io_error(&path, &e))?;
+            if !open.contains_key(id) {
+                if open.len() >= OPEN_FILES {
+                    open.clear();
+                }
+                created |= self.sync && !path.exists();
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| io_error(&path, &e))?;
+                open.insert(id.to_string(), f);
+            }
+            let Some(f) = open.get_mut(id) else {
+                continue;
+            };
+            let written =
+                f.write_all(&bytes)
+                    .and_then(|()| if self.sync { f.sync_data() } else { Ok(()) });
+            if let Err(e) = written {
+                // A later append opens the file afresh.
+                open.remove(id);
+                return Err(io_error(&path, &e));
             }
         }
+        drop(open);
         if created {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
@@ -123,6 +155,10 @@ impl ChunkFiles {
         let Some(path) = self.file(id) else {
             return Ok(());
         };
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(io_error(&path, &e)),
             _ => Ok(()),
