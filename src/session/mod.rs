@@ -431,7 +431,7 @@ impl SessionManager {
                 session_id: uuid.to_string(),
                 seq,
                 last,
-                data: body.to_vec(),
+                data: body,
             };
             if self.inner.limits.durable_acks {
                 self.inner.writer.write(rec).await?;

@@ -16,7 +16,6 @@ use super::{CreateOptions, SessionError, SessionManager};
 use crate::audio::{AudioFormat, Decoder};
 use crate::clock::now_ms;
 use crate::store::{SessionProgress, SessionRecord};
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 /// The VAD frame (30 ms): replays start on this grid so voice detection sees the same frames.
@@ -116,7 +115,7 @@ impl SessionManager {
             .map_err(|e| e.to_string())?;
         for ch in chunks {
             ingest
-                .offer(ch.seq, Bytes::from(ch.data), ch.last)
+                .offer(ch.seq, ch.data, ch.last)
                 .map_err(|e| format!("stored chunk {}: {e}", ch.seq))?;
             // Sentence ends are not stored: none can be pending in a fresh buffer.
             for c in ingest.take_ready() {

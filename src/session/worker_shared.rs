@@ -33,7 +33,7 @@ impl Worker {
         let mut st = self.s.lock();
         let full = taken.chunks.len() as u64 == TAKE_BATCH;
         for c in taken.chunks {
-            if let Err(e) = st.ingest.offer(c.seq, c.data.into(), c.last) {
+            if let Err(e) = st.ingest.offer(c.seq, c.data, c.last) {
                 tracing::error!(error = %e, seq = c.seq, "a chunk of the shared log was refused");
             }
         }

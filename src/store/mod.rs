@@ -146,8 +146,8 @@ pub struct ChunkRecord {
     pub seq: u64,
     /// Uploaded with `last=1`.
     pub last: bool,
-    /// The bytes as uploaded.
-    pub data: Vec<u8>,
+    /// The bytes as uploaded (shared with the upload's body, not copied).
+    pub data: bytes::Bytes,
 }
 
 /// A one-shot recognition as recorded.

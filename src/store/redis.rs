@@ -454,7 +454,7 @@ impl SessionStore for RedisStore {
                 session_id: id.to_string(),
                 seq,
                 last: v.first() == Some(&1),
-                data: v.get(1..).unwrap_or_default().to_vec(),
+                data: bytes::Bytes::copy_from_slice(v.get(1..).unwrap_or_default()),
             })
             .collect();
         out.sort_by_key(|c| c.seq);

@@ -380,7 +380,7 @@ impl RedisStore {
                 session_id: id.to_string(),
                 seq,
                 last: v.first() == Some(&1),
-                data: v.get(1..).unwrap_or_default().to_vec(),
+                data: bytes::Bytes::copy_from_slice(v.get(1..).unwrap_or_default()),
             })
             .collect();
         let taken_to = from + chunks.len() as u64;

@@ -447,7 +447,7 @@ impl SessionStore for Db {
                         session_id: id.clone(),
                         seq: r.get::<_, i64>(0)? as u64,
                         last: r.get(1)?,
-                        data: r.get(2)?,
+                        data: r.get::<_, Vec<u8>>(2)?.into(),
                     })
                 })?;
                 rows.collect::<Result<Vec<_>, _>>()

@@ -136,7 +136,7 @@ fn chunk(id: &str, seq: u64, last: bool, data: &[u8]) -> ChunkRecord {
         session_id: id.into(),
         seq,
         last,
-        data: data.to_vec(),
+        data: bytes::Bytes::copy_from_slice(data),
     }
 }
 
