@@ -169,17 +169,31 @@ impl ChunkFiles {
     }
 
     /// Deletes the files of every session not in `running` (ended while a chunk was still
-    /// being written, or before a crash let its file be removed); returns how many.
+    /// being written, or before a crash let its file be removed) that were last written at
+    /// least `min_age` ago (a session created after `running` was read has a fresh file);
+    /// returns how many.
     ///
     /// # Errors
     /// The directory cannot be listed.
-    pub fn remove_all_but(&self, running: &[String]) -> Result<usize, StoreError> {
+    pub fn remove_all_but(
+        &self,
+        running: &[String],
+        min_age: std::time::Duration,
+    ) -> Result<usize, StoreError> {
         let running: std::collections::HashSet<&str> = running.iter().map(String::as_str).collect();
         let mut removed = 0;
         for entry in fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, &e))? {
             let entry = entry.map_err(|e| io_error(&self.dir, &e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !running.contains(name.as_str()) && fs::remove_file(entry.path()).is_ok() {
+            if running.contains(name.as_str()) {
+                continue;
+            }
+            let old_enough = min_age.is_zero()
+                || entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+            if old_enough && self.remove(&name).is_ok() {
                 removed += 1;
             }
         }
@@ -284,7 +298,16 @@ mod tests {
         files.remove("a").unwrap();
         files.remove("a").unwrap();
         assert_eq!(files.read("a").unwrap(), vec![]);
-        assert_eq!(files.remove_all_but(&[]).unwrap(), 1);
+        // A file written just now is kept by a sweep that wants it a minute old.
+        let minute = std::time::Duration::from_secs(60);
+        assert_eq!(files.remove_all_but(&[], minute).unwrap(), 0);
+        assert_eq!(files.read("b").unwrap().len(), 1);
+        assert_eq!(
+            files
+                .remove_all_but(&[], std::time::Duration::ZERO)
+                .unwrap(),
+            1
+        );
         assert_eq!(files.read("b").unwrap(), vec![]);
     }
 

@@ -97,6 +97,12 @@ fn wait_for_lock(calls: i32) -> bool {
 /// How often the background task checkpoints the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
+/// How often the background task removes chunk files of sessions that are not running.
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
+/// How long ago such a file must have been written last to be removed by a periodic sweep.
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
+
 /// WAL pages at which a committing connection checkpoints by itself (SQLite's default is
 /// 1,000): only a backstop, should the background checkpoints fall behind.
 const AUTOCHECKPOINT_PAGES: i64 = 16_384;
@@ -149,20 +155,8 @@ impl Db {
             _checkpoints: Arc::new(stop.clone().drop_guard()),
         };
         db.call(migrate).await?;
-        // Chunk files of sessions that ended (their removal cut short by a crash, or a chunk
-        // written after the end) are of no use: only running sessions are resumed.
-        let running = db
-            .call(|c| {
-                let mut st = c.prepare(&format!("SELECT id FROM sessions WHERE {RUNNING}"))?;
-                let ids = st.query_map([], |r| r.get::<_, String>(0))?;
-                ids.collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
-        let removed = db.files(move |f| f.remove_all_but(&running)).await?;
-        if removed > 0 {
-            tracing::info!(removed, "removed the chunk files of ended sessions");
-        }
-        tokio::spawn(checkpoints(pool, stop));
+        sweep_chunk_files(&pool, &db.chunks, Duration::ZERO).await?;
+        tokio::spawn(checkpoints(pool, Arc::clone(&db.chunks), stop));
         Ok(db)
     }
 
@@ -205,12 +199,24 @@ impl Db {
     }
 }
 
-/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] until `stop`.
-async fn checkpoints(pool: Pool, stop: tokio_util::sync::CancellationToken) {
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] and sweeps the chunk files every
+/// [`SWEEP_EVERY`] until `stop`.
+async fn checkpoints(
+    pool: Pool,
+    chunks: Arc<ChunkFiles>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut swept = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             () = stop.cancelled() => return,
+        }
+        if swept.elapsed() >= SWEEP_EVERY {
+            swept = tokio::time::Instant::now();
+            if let Err(e) = sweep_chunk_files(&pool, &chunks, SWEEP_MIN_AGE).await {
+                tracing::warn!(error = %e, "sweeping chunk files failed");
+            }
         }
         let Ok(conn) = pool.get().await else { continue };
         let done = conn
@@ -220,6 +226,40 @@ async fn checkpoints(pool: Pool, stop: tokio_util::sync::CancellationToken) {
             tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     }
+}
+
+/// Removes the chunk files of sessions that are not running and were last written at least
+/// `min_age` ago: ended sessions whose removal a crash cut short, or a chunk written just after
+/// its session ended. Only running sessions are resumed, so these are of no use.
+///
+/// # Errors
+/// The query or the directory listing failed.
+async fn sweep_chunk_files(
+    pool: &Pool,
+    chunks: &Arc<ChunkFiles>,
+    min_age: Duration,
+) -> Result<(), StoreError> {
+    let conn = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Pool(e.to_string()))?;
+    let running = conn
+        .interact(|c| {
+            let mut st = c.prepare(&format!("SELECT id FROM sessions WHERE {RUNNING}"))?;
+            let ids = st.query_map([], |r| r.get::<_, String>(0))?;
+            ids.collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| StoreError::Pool(e.to_string()))??;
+    drop(conn);
+    let files = Arc::clone(chunks);
+    let removed = tokio::task::spawn_blocking(move || files.remove_all_but(&running, min_age))
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))??;
+    if removed > 0 {
+        tracing::info!(removed, "removed the chunk files of ended sessions");
+    }
+    Ok(())
 }
 
 fn migrate(c: &mut Connection) -> Result<(), rusqlite::Error> {

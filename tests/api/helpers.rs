@@ -120,7 +120,7 @@ pub async fn spawn_app_with_providers(
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    start(dir, providers, Some(engine()), tweak).await
+    start(dir, providers, Some(engine()), None, tweak).await
 }
 
 /// Starts a server with an engine of its own, loaded from the model with the decode settings
@@ -128,27 +128,32 @@ pub async fn spawn_app_with_providers(
 /// engine is decoding, which the shared engine mixes with every other test's decodes.
 pub async fn spawn_app_with_own_engine(tweak: impl FnOnce(&mut Config)) -> TestApp {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    start(dir, Vec::new(), None, tweak).await
+    start(dir, Vec::new(), None, None, tweak).await
 }
 
 async fn start(
     dir: Arc<tempfile::TempDir>,
     mut providers: Vec<Arc<dyn Provider>>,
     engine: Option<Arc<WhisperEngine>>,
+    redis: Option<Arc<crate::store::RedisServer>>,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
     let extra = providers.clone();
     providers.push(Arc::new(EchoProvider));
     let db = dir.path().join("voxpoll.db");
     let mut config = Config::loopback(db.clone());
-    // VOXPOLL_TEST_ENGINE=redis: the same tests on the Redis engine replicas share.
-    let redis = if std::env::var("VOXPOLL_TEST_ENGINE").as_deref() == Ok("redis") {
-        let r = crate::store::RedisServer::start().await;
-        config.redis_url = Some(voxpoll::secret::Secret::new(r.url.clone()));
-        Some(Arc::new(r))
-    } else {
-        None
+    // VOXPOLL_TEST_ENGINE=redis: the same tests on the Redis engine replicas share (a
+    // restarted server keeps its Redis, as a restarted replica does).
+    let redis = match redis {
+        Some(r) => Some(r),
+        None if std::env::var("VOXPOLL_TEST_ENGINE").as_deref() == Ok("redis") => {
+            Some(Arc::new(crate::store::RedisServer::start().await))
+        }
+        None => None,
     };
+    if let Some(r) = &redis {
+        config.redis_url = Some(voxpoll::secret::Secret::new(r.url.clone()));
+    }
     tweak(&mut config);
     let shutdown = CancellationToken::new();
     let state = voxpoll::app::build_with_providers(config, engine, providers, shutdown.clone())
@@ -209,6 +214,7 @@ impl TestApp {
             Arc::clone(&self.dir),
             self.providers.clone(),
             Some(engine()),
+            self._redis.take(),
             |_| {},
         )
         .await
