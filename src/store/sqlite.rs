@@ -169,16 +169,36 @@ impl Db {
         F: FnOnce(&mut Connection) -> Result<R, rusqlite::Error> + Send + 'static,
         R: Send + 'static,
     {
-        let conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        conn.interact(f)
-            .await
-            .map_err(|e| StoreError::Pool(e.to_string()))?
-            .map_err(StoreError::from)
+        call_on(&self.pool, f).await
     }
+}
+
+/// [`Db::call`] on `pool`, for the background task that holds no `Db`.
+async fn call_on<F, R>(pool: &Pool, f: F) -> Result<R, StoreError>
+where
+    F: FnOnce(&mut Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    R: Send + 'static,
+{
+    let conn = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Pool(e.to_string()))?;
+    conn.interact(f)
+        .await
+        .map_err(|e| StoreError::Pool(e.to_string()))?
+        .map_err(StoreError::from)
+}
+
+/// [`Db::files`] on `files`, for the background task that holds no `Db`.
+async fn files_on<F, R>(files: &Arc<ChunkFiles>, f: F) -> Result<R, StoreError>
+where
+    F: FnOnce(&ChunkFiles) -> Result<R, StoreError> + Send + 'static,
+    R: Send + 'static,
+{
+    let files = Arc::clone(files);
+    tokio::task::spawn_blocking(move || f(&files))
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))?
 }
 
 impl Db {
@@ -192,10 +212,7 @@ impl Db {
         F: FnOnce(&ChunkFiles) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
-        let files = Arc::clone(&self.chunks);
-        tokio::task::spawn_blocking(move || f(&files))
-            .await
-            .map_err(|e| StoreError::Io(e.to_string()))?
+        files_on(&self.chunks, f).await
     }
 }
 
@@ -239,23 +256,13 @@ async fn sweep_chunk_files(
     chunks: &Arc<ChunkFiles>,
     min_age: Duration,
 ) -> Result<(), StoreError> {
-    let conn = pool
-        .get()
-        .await
-        .map_err(|e| StoreError::Pool(e.to_string()))?;
-    let running = conn
-        .interact(|c| {
-            let mut st = c.prepare(&format!("SELECT id FROM sessions WHERE {RUNNING}"))?;
-            let ids = st.query_map([], |r| r.get::<_, String>(0))?;
-            ids.collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| StoreError::Pool(e.to_string()))??;
-    drop(conn);
-    let files = Arc::clone(chunks);
-    let removed = tokio::task::spawn_blocking(move || files.remove_all_but(&running, min_age))
-        .await
-        .map_err(|e| StoreError::Io(e.to_string()))??;
+    let running = call_on(pool, |c| {
+        let mut st = c.prepare(&format!("SELECT id FROM sessions WHERE {RUNNING}"))?;
+        let ids = st.query_map([], |r| r.get::<_, String>(0))?;
+        ids.collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    let removed = files_on(chunks, move |f| f.remove_all_but(&running, min_age)).await?;
     if removed > 0 {
         tracing::info!(removed, "removed the chunk files of ended sessions");
     }

@@ -7,8 +7,9 @@
 //! queued audio drains at `catchup_speed`× real time with a burst of `catchup_speed` frames
 //! (Tencent answers 4000 above 3×). When the client stalls for `bridge_after_ms`, silence is
 //! sent at real time so the upstream never sees 15 s without audio (4008); the inserted silence
-//! is recorded in a [`TimeMap`] and every result time is mapped back to the client's audio. `slice_type` 0/1 become partials, 2 finals;
-//! `{"type":"end"}` is sent after the last frame and the stream is done at `final: 1`.
+//! is recorded in a [`TimeMap`] and every result time is mapped back to the client's audio.
+//! `slice_type` 0/1 become partials, 2 finals; `{"type":"end"}` is sent after the last frame
+//! and the stream is done at `final: 1`.
 //!
 //! Sessions recording MP3 or AAC at the engine's rate pass their frames through as recorded
 //! (`voice_format` 8 or 16, shared/providers.md §1.2): whole codec frames are paced by their
