@@ -209,7 +209,8 @@ async fn partials_carry_the_prefix_two_guesses_agree_on() {
 }
 
 /// Audio goes upstream the moment it arrives: each chunk of a real-time client is one message,
-/// whether it sends 40 ms or 200 ms chunks (nothing waits for a timer tick or a full frame).
+/// whether it sends 40 ms or 200 ms chunks (nothing waits for a timer tick or a full frame,
+/// and nothing is cut into 40 ms frames).
 #[tokio::test]
 async fn tencent_sends_each_real_time_chunk_as_it_arrives() {
     let rt = FakeTencent::start(Behavior::default()).await;
@@ -224,10 +225,14 @@ async fn tencent_sends_each_real_time_chunk_as_it_arrives() {
         let c = rt.conns().pop().expect("a connection");
         assert!(c.errors.is_empty(), "{:?}", c.errors);
         assert_eq!(c.audio_bytes, pcm.len() * 2, "{chunk_ms} ms chunks");
-        assert_eq!(
-            c.frames,
-            2000 / chunk_ms,
-            "{chunk_ms} ms chunks: one message each"
+        // One message per chunk; a test thread stalled past the bucket's burst (400 ms) may
+        // see two of its chunks merged, so a fifth less is allowed. Waiting for 200 ms frames
+        // would give a fifth of the 40 ms chunks' count, 40 ms frames five times the 200 ms one.
+        let chunks = 2000 / chunk_ms;
+        assert!(
+            (chunks * 4 / 5..=chunks).contains(&c.frames),
+            "{chunk_ms} ms chunks: {} messages for {chunks} chunks",
+            c.frames
         );
     }
 }
