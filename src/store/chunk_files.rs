@@ -16,6 +16,7 @@
 //! wins, as `INSERT OR IGNORE` did.
 
 use super::{ChunkRecord, StoreError};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, IoSlice, Write};
@@ -92,20 +93,21 @@ impl ChunkFiles {
             let path = self
                 .file(id)
                 .ok_or_else(|| StoreError::Io(format!("invalid session id {id:?}")))?;
-            if !open.contains_key(id) {
-                if open.len() >= OPEN_FILES {
-                    open.clear();
-                }
-                created |= self.sync && !path.exists();
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| io_error(&path, &e))?;
-                open.insert(id.to_string(), f);
+            if open.len() >= OPEN_FILES && !open.contains_key(id) {
+                open.clear();
             }
-            let Some(f) = open.get_mut(id) else {
-                continue;
+            let f = match open.entry(id.to_string()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    created |= self.sync && !path.exists();
+                    e.insert(
+                        OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&path)
+                            .map_err(|e| io_error(&path, &e))?,
+                    )
+                }
             };
             let written =
                 write_records(f, &recs)

@@ -156,7 +156,7 @@ impl Db {
         };
         db.call(migrate).await?;
         sweep_chunk_files(&pool, &db.chunks, Duration::ZERO).await?;
-        tokio::spawn(checkpoints(pool, Arc::clone(&db.chunks), stop));
+        tokio::spawn(maintain(pool, Arc::clone(&db.chunks), stop));
         Ok(db)
     }
 
@@ -218,11 +218,7 @@ impl Db {
 
 /// Checkpoints the WAL every [`CHECKPOINT_EVERY`] and sweeps the chunk files every
 /// [`SWEEP_EVERY`] until `stop`.
-async fn checkpoints(
-    pool: Pool,
-    chunks: Arc<ChunkFiles>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+async fn maintain(pool: Pool, chunks: Arc<ChunkFiles>, stop: tokio_util::sync::CancellationToken) {
     let mut swept = tokio::time::Instant::now();
     loop {
         tokio::select! {

@@ -101,7 +101,7 @@ pub struct TestApp {
     dir: Arc<tempfile::TempDir>,
     providers: Vec<Arc<dyn Provider>>,
     /// The Redis server of a `VOXPOLL_TEST_ENGINE=redis` run.
-    _redis: Option<Arc<crate::store::RedisServer>>,
+    redis: Option<Arc<crate::store::RedisServer>>,
 }
 
 /// Starts a server with test defaults.
@@ -169,7 +169,7 @@ async fn start(
         handle: Some(handle),
         dir,
         providers: extra,
-        _redis: redis,
+        redis,
     }
 }
 
@@ -214,7 +214,7 @@ impl TestApp {
             Arc::clone(&self.dir),
             self.providers.clone(),
             Some(engine()),
-            self._redis.take(),
+            self.redis.take(),
             |_| {},
         )
         .await

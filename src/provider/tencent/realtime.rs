@@ -18,7 +18,7 @@
 
 use super::sign::realtime_url;
 use super::{realtime_error_code, TencentCredentials, TencentSettings};
-use crate::audio::RateConverter;
+use crate::audio::{le_bytes, RateConverter};
 use crate::provider::{
     ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition, StreamOptions, Word,
 };
@@ -297,15 +297,6 @@ struct Upstream {
     refilled: Instant,
 }
 
-/// Appends samples to `buf` as s16le bytes.
-fn put_le(buf: &mut BytesMut, samples: &[i16]) {
-    let start = buf.len();
-    buf.resize(start + 2 * samples.len(), 0);
-    for (d, s) in buf[start..].chunks_exact_mut(2).zip(samples) {
-        d.copy_from_slice(&s.to_le_bytes());
-    }
-}
-
 type Sink = futures_util::stream::SplitSink<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     Message,
@@ -465,7 +456,7 @@ impl Upstream {
                 m = input.recv(), if !self.finishing => match m {
                     Some(ProviderInput::Audio(pcm)) => {
                         let out = self.conv.process(&pcm);
-                        put_le(&mut self.buffer, &out);
+                        self.buffer.extend_from_slice(&le_bytes(out.into_iter()));
                         due = true;
                     }
                     Some(ProviderInput::Encoded { frames, pcm }) => {
@@ -481,7 +472,7 @@ impl Upstream {
                     Some(ProviderInput::Finalize) => {}
                     Some(ProviderInput::Finish) => {
                         let out = self.conv.flush();
-                        put_le(&mut self.buffer, &out);
+                        self.buffer.extend_from_slice(&le_bytes(out.into_iter()));
                         self.finishing = true;
                         due = true;
                     }
