@@ -152,6 +152,14 @@ impl ChunkFiles {
         Ok(out.into_values().collect())
     }
 
+    /// Closes session `id`'s file if it is kept open.
+    fn close(&self, id: &str) {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
     /// Deletes session `id`'s chunks (absent already: fine).
     ///
     /// # Errors
@@ -160,10 +168,7 @@ impl ChunkFiles {
         let Some(path) = self.file(id) else {
             return Ok(());
         };
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
+        self.close(id);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(io_error(&path, &e)),
             _ => Ok(()),
@@ -195,7 +200,11 @@ impl ChunkFiles {
                     .metadata()
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
-            if old_enough && self.remove(&name).is_ok() {
+            if !old_enough {
+                continue;
+            }
+            self.close(&name);
+            if fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -336,6 +345,26 @@ mod tests {
         zeros.extend_from_slice(&[0; 64]);
         fs::write(&path, &zeros).unwrap();
         assert_eq!(files.read("s").unwrap().len(), 2);
+    }
+
+    /// A sweep removes whatever else is in the directory too (it only ever holds chunk files),
+    /// and counts only what it removed.
+    #[test]
+    fn a_sweep_removes_stray_names_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ChunkFiles::open(&dir.path().join("v.db"), false).unwrap();
+        let stray = files.dir.join("left.tmp");
+        fs::write(&stray, b"x").unwrap();
+        files.append(&[rec("keep", 0, b"k")]).unwrap();
+        let kept = ["keep".to_string()];
+        assert_eq!(
+            files
+                .remove_all_but(&kept, std::time::Duration::ZERO)
+                .unwrap(),
+            1
+        );
+        assert!(!stray.exists());
+        assert_eq!(files.read("keep").unwrap().len(), 1);
     }
 
     /// 600 records are 1,200 slices, more than one `writev` takes (IOV_MAX 1,024): the short
