@@ -90,15 +90,16 @@ impl ChunkFiles {
         let mut created = false;
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         for (id, recs) in by_session {
-            let path = self
-                .file(id)
-                .ok_or_else(|| StoreError::Io(format!("invalid session id {id:?}")))?;
             if open.len() >= OPEN_FILES && !open.contains_key(id) {
                 open.clear();
             }
             let f = match open.entry(id.to_string()) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
+                    // Only a plain name becomes a path (checked once per open, not per write).
+                    let path = self
+                        .file(id)
+                        .ok_or_else(|| StoreError::Io(format!("invalid session id {id:?}")))?;
                     created |= self.sync && !path.exists();
                     e.insert(
                         OpenOptions::new()
@@ -115,7 +116,7 @@ impl ChunkFiles {
             if let Err(e) = written {
                 // A later append opens the file afresh.
                 open.remove(id);
-                return Err(io_error(&path, &e));
+                return Err(io_error(&self.dir.join(id), &e));
             }
         }
         drop(open);
