@@ -57,6 +57,7 @@ pub async fn build_with_providers(
     shutdown: CancellationToken,
 ) -> anyhow::Result<AppState> {
     config.validate()?;
+    crate::fdlimit::raise_and_check(&config);
     crate::metrics::spawn_upkeep();
     let config = Arc::new(config);
     let engine = match engine {

@@ -14,6 +14,7 @@
 //! - [`config`]: every option and limit (flags + `VOXPOLL_*` env), defaults named once.
 //! - [`doctor`]: `voxpoll doctor URL`, probes a deployment and advises settings.
 //! - [`error`]: [`error::ApiError`] and the one mapping of every domain error to HTTP.
+//! - [`fdlimit`]: the file-descriptor budget (`ulimit -n`), raised and checked at start.
 //! - [`http`]: warp routes and thin handlers (sessions, WebSocket, one-shot, history, probes).
 //! - [`metrics`]: Prometheus metrics (names, buckets, route labels) for `GET /metrics`.
 //! - [`oneshot`]: one-shot recognition of a whole upload, recorded in history.
@@ -33,6 +34,7 @@ pub mod clock;
 pub mod config;
 pub mod doctor;
 pub mod error;
+pub mod fdlimit;
 pub mod http;
 pub mod metrics;
 pub mod oneshot;

@@ -10,12 +10,14 @@
 //! - how long a held request survives (`GET /v1/probe/hold`, up to `--max-hold-s`);
 //! - whether the path buffers streamed responses (`GET /v1/probe/stream`, sent with
 //!   `Accept-Encoding: gzip` as real clients send it: compressing proxies buffer);
-//! - the largest request body accepted (`POST /v1/probe/echo`, growing sizes).
+//! - the largest request body accepted (`POST /v1/probe/echo`, growing sizes);
+//! - the server's file-descriptor budget (`GET /ready`'s `file_descriptors`): its `ulimit -n`
+//!   against what its limits may hold open.
 
 use serde::Serialize;
 mod probes;
 
-use probes::{probe_body, probe_health, probe_hold, probe_stream, probe_ws};
+use probes::{probe_body, probe_health, probe_hold, probe_ready, probe_stream, probe_ws};
 use std::time::Duration;
 
 /// `voxpoll doctor` arguments.
@@ -81,8 +83,21 @@ pub struct Report {
     pub buffering: StreamProbe,
     /// The body-size probe.
     pub body: BodyProbe,
+    /// The server's file-descriptor budget from `GET /ready`, when it answers one.
+    pub file_descriptors: Option<FdProbe>,
     /// What to change or use.
     pub verdict: Verdict,
+}
+
+/// The server's file-descriptor budget as `GET /ready` reports it ([`crate::fdlimit::FdBudget`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct FdProbe {
+    /// The server's soft `ulimit -n` (after its raise to the hard limit at start).
+    pub limit: Option<u64>,
+    /// What its configured limits may hold open.
+    pub needed: u64,
+    /// Descriptors it has open now.
+    pub open: Option<u64>,
 }
 
 /// Outcome of the WebSocket upgrade.
@@ -157,7 +172,8 @@ pub struct Verdict {
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
     /// `unreachable`, `tls`, `health`, `websocket_refused`, `websocket_upgrade_dropped`,
-    /// `websocket_silent`, `websocket_closed`, `hold_cut`, `responses_buffered`, `body_cap`.
+    /// `websocket_silent`, `websocket_closed`, `hold_cut`, `responses_buffered`, `body_cap`,
+    /// `body_refused`, `fd_limit`.
     pub code: String,
     /// What it means and what to do.
     pub message: String,
@@ -208,12 +224,13 @@ pub async fn diagnose(args: &DoctorArgs) -> anyhow::Result<Report> {
         .connect_timeout(quick)
         .default_headers(creds.clone())
         .build()?;
-    let (health, websocket, hold, buffering, body) = tokio::join!(
+    let (health, websocket, hold, buffering, body, file_descriptors) = tokio::join!(
         probe_health(&http, &base, quick),
         probe_ws(&base, quick, &creds),
         probe_hold(&http, &base, args.max_hold_s * 1000),
         probe_stream(&http, &base, quick),
         probe_body(&http, &base, args.max_body_bytes, quick),
+        probe_ready(&http, &base, quick),
     );
     let (reachable, tls_ok, health_status, error, rtt_ms) = health;
     let mut report = Report {
@@ -227,6 +244,7 @@ pub async fn diagnose(args: &DoctorArgs) -> anyhow::Result<Report> {
         hold,
         buffering,
         body,
+        file_descriptors,
         verdict: Verdict {
             transport: String::new(),
             hold_ms: 0,
@@ -294,6 +312,18 @@ pub fn verdict(r: &Report) -> Verdict {
             r.buffering.first_event_ms.unwrap_or(0),
             r.buffering.total_ms.unwrap_or(0),
         )));
+    }
+    if let Some(FdProbe {
+        limit: Some(limit),
+        needed,
+        ..
+    }) = r.file_descriptors
+    {
+        if limit < needed {
+            problems.push(problem("fd_limit", format!(
+                "the server may open only {limit} files and sockets (ulimit -n) but its limits may hold {needed} open: past it new connections wait unanswered and chunk writes fail; raise the hard limit (systemd LimitNOFILE=, docker run --ulimit nofile=N:N) or lower VOXPOLL_MAX_CONNECTIONS / VOXPOLL_MAX_SESSIONS"
+            )));
+        }
     }
     let default_max = 96 * 1024;
     let max_chunk_bytes = match (r.body.largest_ok, r.body.refused_at) {
@@ -390,6 +420,15 @@ pub fn render(r: &Report) -> String {
             _ => "none accepted".into(),
         }
     );
+    if let Some(fd) = &r.file_descriptors {
+        let _ = writeln!(
+            s,
+            "  server fds     limit {}, needed {}, open {}",
+            fd.limit.map_or("none".into(), |l| l.to_string()),
+            fd.needed,
+            fd.open.map_or("?".into(), |o| o.to_string())
+        );
+    }
     let v = &r.verdict;
     let _ = writeln!(s, "verdict");
     let _ = writeln!(

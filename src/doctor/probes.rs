@@ -37,6 +37,23 @@ pub(super) async fn probe_health(http: &reqwest::Client, base: &str, timeout: Du
     (ok, https.then_some(true), status, None, best)
 }
 
+/// `GET /ready`'s `file_descriptors` (the server's own fd budget, [`crate::fdlimit`]), when the
+/// deployment answers it; `None` through a path that hides `/ready` or from an older server.
+pub(super) async fn probe_ready(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+) -> Option<super::FdProbe> {
+    let r = http
+        .get(format!("{base}/ready"))
+        .timeout(timeout)
+        .send()
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    serde_json::from_value(v.get("file_descriptors")?.clone()).ok()
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

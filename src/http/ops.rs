@@ -121,6 +121,7 @@ async fn ready(state: AppState) -> Response {
         "sessions_open": state.sessions.open_count(),
         "polls_waiting": state.sessions.polls_waiting(),
         "epoch": state.sessions.epoch(),
+        "file_descriptors": crate::fdlimit::FdBudget::now(&state.config),
     });
     let status = if ok {
         StatusCode::OK

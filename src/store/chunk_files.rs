@@ -25,9 +25,9 @@ use std::sync::{Mutex, PoisonError};
 
 const HEADER: usize = 8 + 1 + 4 + 4;
 
-/// Most chunk files kept open between appends (256 fds: room under a 1,024 `ulimit -n`);
-/// past it every cached one is closed.
-const OPEN_FILES: usize = 256;
+/// Most chunk files kept open between appends (256 fds, counted in
+/// [`crate::fdlimit::needed`]); past it every cached one is closed.
+pub const OPEN_FILES: usize = 256;
 
 /// The chunk directory of one database.
 #[derive(Debug)]

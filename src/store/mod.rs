@@ -2,6 +2,7 @@
 //! (`sqlite`, the default) or on Redis (`redis`, the shared engine of issue 12). The store knows nothing of providers or HTTP.
 
 mod chunk_files;
+pub use chunk_files::OPEN_FILES as OPEN_CHUNK_FILES;
 mod history_redis;
 mod history_sqlite;
 pub mod redis;

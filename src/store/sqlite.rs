@@ -95,6 +95,10 @@ fn wait_for_lock(calls: i32) -> bool {
 }
 
 /// How often the background task checkpoints the WAL into the database file.
+/// Pooled SQLite connections (deadpool's default would be 4 per core): reads run in
+/// parallel, writes take SQLite's one write lock in turn. Each holds up to three files open.
+pub const POOL_SIZE: usize = 8;
+
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// How often the background task removes chunk files of sessions that are not running.
@@ -145,6 +149,7 @@ impl Db {
             sync,
         };
         let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;

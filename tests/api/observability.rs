@@ -292,3 +292,128 @@ async fn json_logs_carry_the_session_span_and_never_a_secret() {
     );
     s.terminate();
 }
+
+/// `voxpoll serve` with `args`, under `ulimit -Sn soft` and `ulimit -Hn hard`, logging JSON.
+fn start_under_ulimit(db: &std::path::Path, args: &[&str], soft: u64, hard: u64) -> Server {
+    let serve = crate::process::serve_command(db, args);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$@\""
+        ))
+        .arg("sh")
+        .arg(serve.get_program())
+        .args(serve.get_args())
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "voxpoll=info")
+        .env("VOXPOLL_LOG_FORMAT", "json");
+    Server::start_command(cmd)
+}
+
+/// The JSON log lines whose message starts with `prefix`.
+fn logged(s: &Server, prefix: &str) -> Vec<Value> {
+    s.log_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+        .collect()
+}
+
+/// `voxpoll doctor`'s report on `s` (quick probes).
+async fn doctor(s: &Server) -> voxpoll::doctor::Report {
+    let args = voxpoll::doctor::DoctorArgs {
+        url: s.url.clone(),
+        json: true,
+        max_hold_s: 1,
+        max_body_bytes: 64 << 10,
+        timeout_s: 5,
+        api_key: None,
+        token: None,
+    };
+    voxpoll::doctor::diagnose(&args).await.expect("diagnose")
+}
+
+fn fd_problems(r: &voxpoll::doctor::Report) -> Vec<String> {
+    let p = r.verdict.problems.iter().filter(|p| p.code == "fd_limit");
+    p.map(|p| p.message.clone()).collect()
+}
+
+async fn fd_budget(s: &Server) -> Value {
+    let r = s.http.get(format!("{}/ready", s.url)).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a short fd limit does not make the server unready"
+    );
+    r.json::<Value>().await.unwrap()["file_descriptors"].clone()
+}
+
+/// A soft `ulimit -n` under the hard one is raised to it at start; a hard one below what the
+/// limits may hold open (`max_connections` + `max_sessions` + 256 chunk files + 3 × 8 SQLite
+/// connections + 64) is warned about, with what to change, and shown by `/ready`; at exactly
+/// that many there is no warning. `voxpoll doctor` reports it as a problem.
+#[tokio::test]
+async fn the_fd_limit_is_raised_to_the_hard_limit_and_checked_against_the_limits() {
+    let (_, hard_here) = rlimit::Resource::NOFILE.get().unwrap();
+    if hard_here < 1500 {
+        eprintln!("skipped: this process's hard fd limit is {hard_here} (< 1500)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let needed_default = 768 + 64 + 256 + 3 * 8 + 64;
+
+    // Raised: soft 300 under hard 1500.
+    let s = start_under_ulimit(&db, &[], 300, 1500);
+    let fd = fd_budget(&s).await;
+    assert_eq!(fd["limit"], 1500, "{fd}");
+    assert_eq!(fd["needed"], needed_default, "{fd}");
+    let open = fd["open"].as_u64().expect("open fds on Linux");
+    assert!(open > 3 && open < 300, "{fd}");
+    let info = logged(&s, "file-descriptor limit");
+    assert_eq!(info.len(), 1, "{:?}", s.log_lines());
+    assert_eq!(info[0]["raised_from"], 300);
+    assert!(logged(&s, "the file-descriptor limit is below").is_empty());
+    let report = doctor(&s).await;
+    assert_eq!(report.file_descriptors.as_ref().unwrap().limit, Some(1500));
+    assert!(fd_problems(&report).is_empty(), "{:?}", report.verdict);
+    drop(s);
+
+    // Not enough, and not raisable: warned, the server still runs.
+    let s = start_under_ulimit(&db, &[], 300, 300);
+    let fd = fd_budget(&s).await;
+    assert_eq!(
+        (fd["limit"].as_u64(), fd["needed"].as_u64()),
+        (Some(300), Some(needed_default))
+    );
+    let warned = logged(&s, "the file-descriptor limit is below");
+    assert_eq!(warned.len(), 1, "{:?}", s.log_lines());
+    assert_eq!(warned[0]["level"], "WARN");
+    assert!(warned[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ulimit -Hn"));
+    assert_eq!(warned[0]["max_connections"], 768);
+    let problems = fd_problems(&doctor(&s).await);
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].contains(&format!(
+            "only 300 files and sockets (ulimit -n) but its limits may hold {needed_default}"
+        )),
+        "{problems:?}"
+    );
+    drop(s);
+
+    // The edge: 100 connections and 10 sessions need 454.
+    let small = ["--max-connections", "100", "--max-sessions", "10"];
+    for (hard, warns) in [(454, false), (453, true)] {
+        let s = start_under_ulimit(&db, &small, hard, hard);
+        assert_eq!(fd_budget(&s).await["needed"], 454);
+        assert_eq!(
+            !logged(&s, "the file-descriptor limit is below").is_empty(),
+            warns,
+            "hard limit {hard}: {:?}",
+            s.log_lines()
+        );
+    }
+}

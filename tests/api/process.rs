@@ -46,8 +46,14 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables.
     pub fn start_with_env(db: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = serve_command(db, args)
-            .envs(env.iter().copied())
+        let mut cmd = serve_command(db, args);
+        cmd.envs(env.iter().copied());
+        Self::start_command(cmd)
+    }
+
+    /// Starts `cmd` (a [`serve_command`], possibly wrapped) and waits until it listens.
+    pub fn start_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
