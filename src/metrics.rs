@@ -1,7 +1,7 @@
 //! Prometheus metrics (`GET /metrics`): recorded through the `metrics` crate's macros where
 //! things happen, rendered by `metrics-exporter-prometheus` in the text exposition format.
-//! Gauges that describe the present (sessions by state, waiting polls, decode queue) are set
-//! when the endpoint is scraped. README's "Metrics" table lists every name; histograms are real
+//! Gauges that describe the present (sessions by state, waiting polls, decode queue, file
+//! descriptors) are set when the endpoint is scraped. README's "Metrics" table lists every name; histograms are real
 //! Prometheus histograms (buckets in seconds) so `histogram_quantile` works on them.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -52,6 +52,12 @@ pub const DECODE_QUEUE: &str = "voxpoll_decode_queue_depth";
 /// Embedded engine real-time factor of each decode (decode time ÷ audio decoded), by kind.
 pub const ENGINE_RTF: &str = "voxpoll_engine_rtf";
 /// Time one store write (event batch, progress, end) took to commit, by engine.
+/// Gauge: file descriptors the process has open (Prometheus's standard process metric name).
+pub const OPEN_FDS: &str = "process_open_fds";
+/// Gauge: the process's soft file-descriptor limit (`ulimit -n`; standard name).
+pub const MAX_FDS: &str = "process_max_fds";
+/// Gauge: what the configured limits may hold open ([`crate::fdlimit::needed`]).
+pub const FDS_NEEDED: &str = "voxpoll_fds_needed";
 pub const STORE_COMMIT: &str = "voxpoll_store_commit_duration_seconds";
 
 /// The process-wide recorder's handle, installed on first use (tests start many servers in one
@@ -124,6 +130,15 @@ fn describe() {
         "Audio given to the provider -> result for that audio, by provider and kind"
     );
     describe_gauge!(DECODE_QUEUE, "Embedded engine decodes waiting for a worker");
+    describe_gauge!(OPEN_FDS, "Open file descriptors");
+    describe_gauge!(
+        MAX_FDS,
+        "Maximum number of open file descriptors (soft ulimit -n)"
+    );
+    describe_gauge!(
+        FDS_NEEDED,
+        "File descriptors the configured limits may hold open (max_connections, max_sessions, store)"
+    );
     describe_histogram!(
         ENGINE_RTF,
         "Embedded engine real-time factor per decode, by kind"

@@ -90,6 +90,14 @@ fn metrics(authorization: Option<String>, state: AppState) -> Response {
             metrics::gauge!(crate::metrics::DECODE_QUEUE, "provider" => name.clone()).set(depth);
         }
     }
+    let fds = crate::fdlimit::FdBudget::now(&state.config);
+    if let Some(open) = fds.open {
+        metrics::gauge!(crate::metrics::OPEN_FDS).set(open as f64);
+    }
+    if let Some(limit) = fds.limit {
+        metrics::gauge!(crate::metrics::MAX_FDS).set(limit as f64);
+    }
+    metrics::gauge!(crate::metrics::FDS_NEEDED).set(fds.needed as f64);
     let mut resp = handle.render().into_response();
     resp.headers_mut().insert(
         warp::http::header::CONTENT_TYPE,

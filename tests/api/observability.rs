@@ -351,7 +351,8 @@ async fn fd_budget(s: &Server) -> Value {
 /// A soft `ulimit -n` under the hard one is raised to it at start; a hard one below what the
 /// limits may hold open (`max_connections` + `max_sessions` + 256 chunk files + 3 × 8 SQLite
 /// connections + 64) is warned about, with what to change, and shown by `/ready`; at exactly
-/// that many there is no warning. `voxpoll doctor` reports it as a problem.
+/// that many there is no warning. `voxpoll doctor` reports it as a problem; `/metrics` has
+/// `process_open_fds`, `process_max_fds` and `voxpoll_fds_needed`.
 #[tokio::test]
 async fn the_fd_limit_is_raised_to_the_hard_limit_and_checked_against_the_limits() {
     let (_, hard_here) = rlimit::Resource::NOFILE.get().unwrap();
@@ -374,6 +375,14 @@ async fn the_fd_limit_is_raised_to_the_hard_limit_and_checked_against_the_limits
     assert_eq!(info.len(), 1, "{:?}", s.log_lines());
     assert_eq!(info[0]["raised_from"], 300);
     assert!(logged(&s, "the file-descriptor limit is below").is_empty());
+    let m = scrape(&s).await;
+    assert_eq!(sample(&m, "process_max_fds", &[]), Some(1500.0), "{m}");
+    assert_eq!(
+        sample(&m, "voxpoll_fds_needed", &[]),
+        Some(needed_default as f64)
+    );
+    let open_metric = sample(&m, "process_open_fds", &[]).expect("process_open_fds");
+    assert!(open_metric > 3.0 && open_metric < 300.0, "{open_metric}");
     let report = doctor(&s).await;
     assert_eq!(report.file_descriptors.as_ref().unwrap().limit, Some(1500));
     assert!(fd_problems(&report).is_empty(), "{:?}", report.verdict);
