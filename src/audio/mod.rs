@@ -5,6 +5,7 @@
 pub mod compressed;
 pub mod file;
 pub mod vad;
+pub mod vad_pool;
 
 use rubato::{FftFixedIn, Resampler};
 use std::io::Cursor;

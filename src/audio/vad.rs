@@ -3,7 +3,8 @@
 //! less than ~300 ms voiced, end one after `silence_ms` of non-speech, split at 30 s.
 //!
 //! `webrtc_vad::Vad` wraps a raw pointer and is not `Send`, so a [`Segmenter`] lives on one
-//! thread for its whole life (the embedded provider gives each stream its own thread).
+//! thread for its whole life: the shared VAD thread of [`super::vad_pool`], which runs every
+//! stream's segmenter.
 
 use super::TARGET_RATE;
 use std::collections::VecDeque;

@@ -3,13 +3,15 @@
 //! Whisper is not a streaming model, so each stream is pseudo-streamed (shared/embedded-asr.md,
 //! "Streaming behaviour"): a VAD cuts utterances; every `partial_interval_ms` of audio the open
 //! utterance is re-decoded (greedy) for a partial; at its end it is decoded once more for the
-//! final. Each stream runs its segmenter on its own thread (webrtc-vad is not `Send`); decodes
-//! go to the engine's shared pool.
+//! final. Each stream is one task on the async runtime that orders its results; its segmenter
+//! (VAD) runs on the shared VAD thread ([`crate::audio::vad_pool`]) and its decodes on the
+//! engine's shared pool of decode threads, whose answers come back to the task over a channel.
 //!
 //! Backpressure: a stream holds at most [`MAX_PENDING_FINALS`] finals not yet emitted; past it,
 //! its audio waits in the bounded input channel, then in the session (whose buffer answers
 //! uploads 429 `backpressure` when full), so one fast uploader cannot fill the shared decode
-//! queue ahead of everybody else.
+//! queue ahead of everybody else. A session whose event channel is full holds its stream's
+//! task (and so its input) until the session reads again; no thread waits for it.
 
 use super::text::TextOptions;
 use super::whisper::{
@@ -19,11 +21,12 @@ use super::{
     Provider, ProviderError, ProviderEvent, ProviderInput, ProviderStream, Readiness, Recognition,
     StreamOptions,
 };
-use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
+use crate::audio::vad::{Segment, SegmenterConfig};
+use crate::audio::vad_pool::{Op, StreamSegmenter};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
-use tokio::sync::{mpsc, Semaphore};
+use std::sync::Arc;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -152,15 +155,10 @@ impl Provider for EmbeddedProvider {
             first_partial_ms: self.settings.first_partial_ms,
             early_final_ms: self.settings.early_final_ms,
         };
-        let (input_tx, mut input_rx) = mpsc::channel::<ProviderInput>(64);
+        let (input_tx, input_rx) = mpsc::channel::<ProviderInput>(64);
         let (events_tx, events_rx) = mpsc::channel::<ProviderEvent>(256);
-        let (msg_tx, msg_rx) = std_mpsc::channel::<Msg>();
-        let alive = Arc::new(AtomicBool::new(true));
-        // One permit per final the stream may still submit: taken when it is submitted,
-        // given back when it is emitted.
-        let credits = Arc::new(Semaphore::new(MAX_PENDING_FINALS));
-
-        let stream = StreamThread {
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
+        let stream = StreamTask {
             engine,
             lang,
             hotwords: opts
@@ -169,79 +167,27 @@ impl Provider for EmbeddedProvider {
                 .and_then(|list| hotword_prompt(list, lang)),
             text: TextOptions::of(opts),
             word_info: opts.word_info.unwrap_or(0),
-            cfg,
-            events: events_tx.clone(),
-            self_tx: msg_tx.clone(),
-            alive,
+            events: events_tx,
+            out: Vec::new(),
+            self_tx: reply_tx,
+            alive: Arc::new(AtomicBool::new(true)),
             pending_finals: BTreeMap::new(),
             partial_in_flight: false,
             partial_stale: Arc::new(AtomicBool::new(false)),
             open_utterance: 0,
             finishing: false,
-            credits: Arc::clone(&credits),
+            credits: MAX_PENDING_FINALS,
             overdrawn: 0,
             tentative: None,
             awaited: BTreeMap::new(),
             demoted: None,
             next_tentative: 0,
         };
-        // The stream's thread starts with its first input: an open session that sends nothing
-        // costs no thread (10,000 idle sessions are 10,000 stacks otherwise).
-        // Until then the forwarder holds a sender of the events, to report a failed start;
-        // after it only the thread does, so the channel closes when the thread is gone.
-        let mut idle = Some((stream, msg_rx, events_tx));
-        let mut start = move || -> Result<(), (String, mpsc::Sender<ProviderEvent>)> {
-            let Some((stream, msg_rx, events_tx)) = idle.take() else {
-                return Ok(());
-            };
-            let span = tracing::Span::current();
-            std::thread::Builder::new()
-                .name("asr-stream".into())
-                .spawn(move || span.in_scope(|| stream.run(msg_rx)))
-                .map(drop)
-                .map_err(|e| (format!("cannot start stream thread: {e}"), events_tx))
-        };
-
-        // Forward the async input channel (bounded: backpressure to the session) to the thread,
-        // one message at a time, and only while the stream has a final to spare: the segmenter
-        // may cut a final from any audio message.
-        let fwd_tx = msg_tx;
-        let fwd_credits = credits;
+        let seg = StreamSegmenter::new(cfg);
         tokio::spawn(
-            async move {
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = cancel.cancelled() => break,
-                        spare = fwd_credits.acquire() => {
-                            // Closed only when the thread is gone.
-                            let Ok(spare) = spare else { return };
-                            drop(spare);
-                        }
-                    }
-                    tokio::select! {
-                        biased;
-                        () = cancel.cancelled() => break,
-                        m = input_rx.recv() => match m {
-                            Some(m) => {
-                                if let Err((message, events_tx)) = start() {
-                                    let _ = events_tx.send(ProviderEvent::Error {
-                                        code: "provider_unavailable".into(),
-                                        provider_code: None,
-                                        message,
-                                    }).await;
-                                    let _ = events_tx.send(ProviderEvent::Done).await;
-                                    return;
-                                }
-                                if fwd_tx.send(Msg::Input(m)).is_err() { return }
-                            }
-                            None => break,
-                        },
-                    }
-                }
-                let _ = fwd_tx.send(Msg::Cancel);
-            }
-            .in_current_span(),
+            stream
+                .run(seg, input_rx, reply_rx, cancel)
+                .in_current_span(),
         );
         Ok(ProviderStream {
             input: input_tx,
@@ -250,8 +196,8 @@ impl Provider for EmbeddedProvider {
     }
 }
 
-enum Msg {
-    Input(ProviderInput),
+/// A decode's answer, sent back to its stream's task by a decode thread.
+enum Reply {
     Decoded {
         utterance: u32,
         kind: DecodeKind,
@@ -264,7 +210,6 @@ enum Msg {
         id: u64,
         result: Result<Decoded, String>,
     },
-    Cancel,
 }
 
 /// A final decoded ahead of its confirmation ([`Segment::Tentative`]).
@@ -280,8 +225,8 @@ struct Tentative {
     result: Option<Result<Decoded, String>>,
 }
 
-/// One stream's segmenter and result ordering; runs on its own thread.
-struct StreamThread {
+/// One stream's result ordering: one task on the runtime.
+struct StreamTask {
     engine: Arc<WhisperEngine>,
     lang: &'static str,
     /// The session's `hotword_list` as Whisper's prompt.
@@ -290,9 +235,11 @@ struct StreamThread {
     text: TextOptions,
     /// Tencent `word_info`: 0 no words, 1 words without punctuation, 2 with it.
     word_info: u8,
-    cfg: SegmenterConfig,
     events: mpsc::Sender<ProviderEvent>,
-    self_tx: std_mpsc::Sender<Msg>,
+    /// Events to send, in order, once the current input or reply is handled.
+    out: Vec<ProviderEvent>,
+    self_tx: mpsc::UnboundedSender<Reply>,
+    /// Cleared when the stream ends: its queued decodes are skipped.
     alive: Arc<AtomicBool>,
     /// Finals submitted and not yet emitted, by utterance; `Some` once decoded. Emitted in order.
     pending_finals: BTreeMap<u32, Option<Recognition>>,
@@ -302,8 +249,9 @@ struct StreamThread {
     /// Index of the utterance currently open (or next to open).
     open_utterance: u32,
     finishing: bool,
-    /// Finals this stream may still submit (see [`MAX_PENDING_FINALS`]).
-    credits: Arc<Semaphore>,
+    /// Finals this stream may still submit (see [`MAX_PENDING_FINALS`]): input is read only
+    /// while one is free.
+    credits: usize,
     /// Finals submitted while no credit was free: repaid before credits are given back.
     overdrawn: usize,
     /// The open utterance's final, decoded ahead during its closing silence.
@@ -316,64 +264,104 @@ struct StreamThread {
     next_tentative: u64,
 }
 
-impl StreamThread {
-    fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
-        // Created here, never moved: webrtc-vad's state is not Send.
-        let mut seg = Segmenter::new(self.cfg);
-        while let Ok(msg) = rx.recv() {
-            let keep_going = match msg {
-                Msg::Input(ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. }) => {
-                    let segs = seg.push(&pcm);
-                    self.handle(segs)
-                }
-                Msg::Input(ProviderInput::Finalize) => {
-                    let segs = seg.cut();
-                    self.handle(segs)
-                }
-                Msg::Input(ProviderInput::Finish) => {
-                    let segs = seg.finish();
-                    self.finishing = true;
-                    self.handle(segs) && self.maybe_done()
-                }
-                Msg::Decoded {
-                    utterance,
-                    kind,
-                    start_ms,
-                    end_ms,
-                    result,
-                } => {
-                    self.on_decoded(utterance, kind, start_ms, end_ms, result) && self.maybe_done()
-                }
-                Msg::TentativeDecoded { id, result } => {
-                    self.on_tentative_decoded(id, result) && self.maybe_done()
-                }
-                Msg::Cancel => false,
+impl StreamTask {
+    async fn run(
+        mut self,
+        mut seg: StreamSegmenter,
+        mut input: mpsc::Receiver<ProviderInput>,
+        mut replies: mpsc::UnboundedReceiver<Reply>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let keep_going = tokio::select! {
+                biased;
+                () = cancel.cancelled() => false,
+                // Never `None`: the task holds a sender itself.
+                Some(reply) = replies.recv() => self.on_reply(reply),
+                // Only while the stream has a final to spare: the segmenter may cut a final
+                // from any audio message.
+                m = input.recv(), if self.credits > 0 => match m {
+                    Some(m) => self.on_input(&mut seg, m).await,
+                    None => false,
+                },
             };
-            if !keep_going {
+            if !self.flush(&cancel).await || !keep_going {
                 break;
             }
         }
         self.alive.store(false, Ordering::Release);
-        self.credits.close();
     }
 
-    fn emit(&self, ev: ProviderEvent) -> bool {
-        self.events.blocking_send(ev).is_ok()
+    /// Segments one input and acts on the segments; false once the stream is done.
+    async fn on_input(&mut self, seg: &mut StreamSegmenter, m: ProviderInput) -> bool {
+        let (op, finish) = match m {
+            ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } => {
+                (Op::Push(pcm), false)
+            }
+            ProviderInput::Finalize => (Op::Cut, false),
+            ProviderInput::Finish => (Op::Finish, true),
+        };
+        match seg.run(op).await {
+            Ok(segs) => self.handle(segs),
+            Err(message) => {
+                self.emit(ProviderEvent::Error {
+                    code: "provider_unavailable".into(),
+                    provider_code: None,
+                    message,
+                });
+                self.emit(ProviderEvent::Done);
+                return false;
+            }
+        }
+        if finish {
+            self.finishing = true;
+            return self.maybe_done();
+        }
+        true
     }
 
-    fn handle(&mut self, segs: Vec<Segment>) -> bool {
+    fn on_reply(&mut self, reply: Reply) -> bool {
+        match reply {
+            Reply::Decoded {
+                utterance,
+                kind,
+                start_ms,
+                end_ms,
+                result,
+            } => self.on_decoded(utterance, kind, start_ms, end_ms, result),
+            Reply::TentativeDecoded { id, result } => self.on_tentative_decoded(id, result),
+        }
+        self.maybe_done()
+    }
+
+    /// Sends the events the last input or reply produced, in order. A full channel (a session
+    /// not reading) holds this task, not a thread. False once the session is gone.
+    async fn flush(&mut self, cancel: &CancellationToken) -> bool {
+        for ev in std::mem::take(&mut self.out) {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return false,
+                sent = self.events.send(ev) => if sent.is_err() { return false },
+            }
+        }
+        true
+    }
+
+    fn emit(&mut self, ev: ProviderEvent) {
+        self.out.push(ev);
+    }
+
+    fn handle(&mut self, segs: Vec<Segment>) {
         for s in segs {
             match s {
                 Segment::Start {
                     utterance,
                     start_ms,
                 } => {
-                    if !self.emit(ProviderEvent::SpeechStart {
+                    self.emit(ProviderEvent::SpeechStart {
                         sentence: utterance,
                         start_ms,
-                    }) {
-                        return false;
-                    }
+                    });
                 }
                 Segment::Tentative {
                     utterance,
@@ -396,7 +384,7 @@ impl StreamThread {
                         DecodeKind::Final,
                         Some(Arc::clone(&stale)),
                         Box::new(move |result| {
-                            let _ = tx.send(Msg::TentativeDecoded { id, result });
+                            let _ = tx.send(Reply::TentativeDecoded { id, result });
                         }),
                     );
                     self.tentative = Some(Tentative {
@@ -439,17 +427,13 @@ impl StreamThread {
                                 .finals_early
                                 .fetch_add(1, Ordering::Relaxed);
                             match t.result {
-                                Some(result) => {
-                                    if !self.on_decoded(
-                                        utterance,
-                                        DecodeKind::Final,
-                                        start_ms,
-                                        end_ms,
-                                        result,
-                                    ) {
-                                        return false;
-                                    }
-                                }
+                                Some(result) => self.on_decoded(
+                                    utterance,
+                                    DecodeKind::Final,
+                                    start_ms,
+                                    end_ms,
+                                    result,
+                                ),
                                 None => {
                                     self.awaited.insert(t.id, (utterance, start_ms, end_ms));
                                 }
@@ -465,15 +449,16 @@ impl StreamThread {
                 }
             }
         }
-        true
     }
 
-    /// Takes a credit for a decode this stream submits. The forwarder passes audio only while
+    /// Takes a credit for a decode this stream submits. The task reads audio only while
     /// a credit is free, but one message may cut several finals: past the cap the debt is
     /// remembered instead.
     fn take_credit(&mut self) {
-        if self.credits.forget_permits(1) == 0 {
+        if self.credits == 0 {
             self.overdrawn += 1;
+        } else {
+            self.credits -= 1;
         }
     }
 
@@ -482,7 +467,7 @@ impl StreamThread {
         if self.overdrawn > 0 {
             self.overdrawn -= 1;
         } else {
-            self.credits.add_permits(1);
+            self.credits += 1;
         }
     }
 
@@ -522,7 +507,7 @@ impl StreamThread {
     /// A tentative decode answered: it is the final if that was confirmed meanwhile, a partial
     /// now and kept as the final-to-be if the utterance is still in its closing silence, a
     /// partial if it was demoted, ignored if withdrawn.
-    fn on_tentative_decoded(&mut self, id: u64, result: Result<Decoded, String>) -> bool {
+    fn on_tentative_decoded(&mut self, id: u64, result: Result<Decoded, String>) {
         if let Some((utterance, start_ms, end_ms)) = self.awaited.remove(&id) {
             return self.on_decoded(utterance, DecodeKind::Final, start_ms, end_ms, result);
         }
@@ -532,7 +517,7 @@ impl StreamThread {
             return self.on_decoded(utterance, DecodeKind::Partial, start_ms, end_ms, result);
         }
         let Some(t) = self.tentative.as_mut().filter(|t| t.id == id) else {
-            return true;
+            return;
         };
         // The sentence up to its pause, decoded: the client sees it now as a partial (the
         // final repeats it once the silence is confirmed). It supersedes the partial in
@@ -541,9 +526,10 @@ impl StreamThread {
         let decoded = result.as_ref().ok().cloned();
         t.result = Some(result);
         let (utterance, start_ms, end_ms) = (t.utterance, t.start_ms, t.end_ms);
-        match decoded.map(|d| self.recognition(utterance, start_ms, end_ms, d)) {
-            Some(rec) if !rec.text.is_empty() => self.emit(ProviderEvent::Partial(rec)),
-            _ => true,
+        if let Some(rec) = decoded.map(|d| self.recognition(utterance, start_ms, end_ms, d)) {
+            if !rec.text.is_empty() {
+                self.emit(ProviderEvent::Partial(rec));
+            }
         }
     }
 
@@ -562,7 +548,7 @@ impl StreamThread {
             kind,
             stale,
             Box::new(move |result| {
-                let _ = tx.send(Msg::Decoded {
+                let _ = tx.send(Reply::Decoded {
                     utterance,
                     kind,
                     start_ms,
@@ -600,30 +586,25 @@ impl StreamThread {
         start_ms: u64,
         end_ms: u64,
         result: Result<Decoded, String>,
-    ) -> bool {
+    ) {
         let result = result.map(|d| self.recognition(utterance, start_ms, end_ms, d));
         match kind {
             DecodeKind::Partial => {
                 self.partial_in_flight = false;
                 let current = utterance == self.open_utterance
                     && !self.pending_finals.contains_key(&utterance);
-                match result {
-                    Ok(rec) if current && !rec.text.is_empty() => {
-                        self.emit(ProviderEvent::Partial(rec))
-                    }
-                    _ => true,
+                if let Some(rec) = result.ok().filter(|rec| current && !rec.text.is_empty()) {
+                    self.emit(ProviderEvent::Partial(rec));
                 }
             }
             DecodeKind::Final => {
                 let rec = match result {
                     Ok(rec) => rec,
                     Err(e) => {
-                        if !self.emit(ProviderEvent::Warning {
+                        self.emit(ProviderEvent::Warning {
                             code: "decode_failed".into(),
                             message: e,
-                        }) {
-                            return false;
-                        }
+                        });
                         Recognition {
                             sentence: utterance,
                             text: String::new(),
@@ -640,12 +621,9 @@ impl StreamThread {
                         break;
                     }
                     let Some(rec) = entry.remove() else { break };
-                    if !self.emit(ProviderEvent::Final(rec)) {
-                        return false;
-                    }
+                    self.emit(ProviderEvent::Final(rec));
                     self.give_credit();
                 }
-                true
             }
         }
     }
@@ -681,10 +659,10 @@ impl StreamThread {
         }
     }
 
-    /// After Finish, once every final is out: Done, and the thread ends.
+    /// After Finish, once every final is out: Done, and false (the task ends).
     fn maybe_done(&mut self) -> bool {
         if self.finishing && self.pending_finals.is_empty() {
-            let _ = self.emit(ProviderEvent::Done);
+            self.emit(ProviderEvent::Done);
             return false;
         }
         true

@@ -3,13 +3,14 @@
 //! utterance is recognised by one request, in order. Partials come from streamed answers
 //! (`stream=true`) where the server gives them.
 //!
-//! Three parts per stream: a forwarder task (async input → VAD thread), the VAD thread
-//! (webrtc-vad's state is not `Send`), and a recogniser task that sends utterances one at a time
-//! so finals stay in order while audio keeps flowing.
+//! Two tasks per stream: a segmenting task (input → the shared VAD thread,
+//! [`crate::audio::vad_pool`] → utterances) and a recogniser task that sends utterances one at
+//! a time so finals stay in order while audio keeps flowing.
 
 use super::{ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition};
-use crate::audio::vad::{Segment, Segmenter, SegmenterConfig};
-use std::sync::{mpsc as std_mpsc, Arc};
+use crate::audio::vad::{Segment, SegmenterConfig};
+use crate::audio::vad_pool::{Op, StreamSegmenter};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -43,7 +44,8 @@ enum Cut {
 /// utterance to `rec`.
 ///
 /// # Errors
-/// The VAD thread cannot be started.
+/// None today: a VAD thread that cannot start is reported on the stream as an `error` event
+/// (`provider_unavailable`) and its end.
 pub fn open(
     rec: Arc<dyn UtteranceRecognizer>,
     silence_ms: u64,
@@ -52,29 +54,47 @@ pub fn open(
 ) -> Result<ProviderStream, ProviderError> {
     let (in_tx, mut in_rx) = mpsc::channel::<ProviderInput>(64);
     let (ev_tx, ev_rx) = mpsc::channel::<ProviderEvent>(256);
-    let (vad_tx, vad_rx) = std_mpsc::channel::<Option<ProviderInput>>();
     let (cut_tx, mut cut_rx) = mpsc::unbounded_channel::<Cut>();
-    let cfg = SegmenterConfig {
+    let mut seg = StreamSegmenter::new(SegmenterConfig {
         silence_ms: silence_ms.clamp(200, 5000),
         min_voiced_ms: 300,
         partial_interval_ms: 0,
         first_partial_ms: 0,
         early_final_ms: 0,
-    };
-    let span = tracing::Span::current();
+    });
     let start_tx = ev_tx.clone();
-    std::thread::Builder::new()
-        .name("vad-segmenter".into())
-        .spawn(move || {
-            let _in_span = span.enter();
-            let mut seg = Segmenter::new(cfg);
-            while let Ok(Some(msg)) = vad_rx.recv() {
-                let (segs, last) = match msg {
+    let seg_cancel = cancel.clone();
+    tokio::spawn(
+        async move {
+            loop {
+                let m = tokio::select! {
+                    biased;
+                    () = seg_cancel.cancelled() => return,
+                    m = in_rx.recv() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                };
+                let (op, last) = match m {
                     ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } => {
-                        (seg.push(&pcm), false)
+                        (Op::Push(pcm), false)
                     }
-                    ProviderInput::Finalize => (seg.cut(), false),
-                    ProviderInput::Finish => (seg.finish(), true),
+                    ProviderInput::Finalize => (Op::Cut, false),
+                    ProviderInput::Finish => (Op::Finish, true),
+                };
+                let segs = match seg.run(op).await {
+                    Ok(segs) => segs,
+                    Err(message) => {
+                        let _ = start_tx
+                            .send(ProviderEvent::Error {
+                                code: "provider_unavailable".into(),
+                                provider_code: None,
+                                message,
+                            })
+                            .await;
+                        let _ = start_tx.send(ProviderEvent::Done).await;
+                        return;
+                    }
                 };
                 for s in segs {
                     let cut = match s {
@@ -87,7 +107,7 @@ pub fn open(
                                 sentence: utterance,
                                 start_ms,
                             };
-                            if start_tx.blocking_send(start).is_err() {
+                            if start_tx.send(start).await.is_err() {
                                 return;
                             }
                             continue;
@@ -115,28 +135,6 @@ pub fn open(
                     return;
                 }
             }
-        })
-        .map_err(|e| ProviderError::Unavailable(format!("cannot start VAD thread: {e}")))?;
-
-    let fwd_cancel = cancel.clone();
-    tokio::spawn(
-        async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    () = fwd_cancel.cancelled() => break,
-                    m = in_rx.recv() => match m {
-                        Some(m) => {
-                            let last = matches!(m, ProviderInput::Finish);
-                            if vad_tx.send(Some(m)).is_err() || last {
-                                return;
-                            }
-                        }
-                        None => break,
-                    },
-                }
-            }
-            let _ = vad_tx.send(None);
         }
         .in_current_span(),
     );
