@@ -289,7 +289,7 @@ impl Segmenter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cfg() -> SegmenterConfig {
@@ -303,7 +303,7 @@ mod tests {
     }
 
     /// A vowel-like harmonic tone: webrtc-vad's GMM calls it speech, unlike a pure sine.
-    fn voice(ms: u64) -> Vec<i16> {
+    pub(crate) fn voice(ms: u64) -> Vec<i16> {
         let n = ms * 16;
         (0..n)
             .map(|i| {

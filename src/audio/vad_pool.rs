@@ -147,6 +147,7 @@ impl Drop for StreamSegmenter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audio::vad::tests::voice;
 
     fn cfg() -> SegmenterConfig {
         SegmenterConfig {
@@ -156,20 +157,6 @@ mod tests {
             first_partial_ms: 0,
             early_final_ms: 0,
         }
-    }
-
-    /// A vowel-like harmonic tone that webrtc-vad calls speech.
-    fn voice(ms: u64) -> Vec<i16> {
-        (0..ms * 16)
-            .map(|i| {
-                let t = i as f32 / 16_000.0;
-                let mut v = 0.0;
-                for h in 1..=12 {
-                    v += (2.0 * std::f32::consts::PI * 140.0 * h as f32 * t).sin() / h as f32;
-                }
-                (v * 3000.0) as i16
-            })
-            .collect()
     }
 
     fn finals(segs: &[Segment]) -> Vec<(u32, u64, u64)> {
