@@ -302,6 +302,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// The finals among `segs`: (utterance, start ms, end ms).
+    pub(crate) fn finals(segs: &[Segment]) -> Vec<(u32, u64, u64)> {
+        segs.iter()
+            .filter_map(|s| match s {
+                Segment::Final {
+                    utterance,
+                    start_ms,
+                    end_ms,
+                    ..
+                } => Some((*utterance, *start_ms, *end_ms)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A vowel-like harmonic tone: webrtc-vad's GMM calls it speech, unlike a pure sine.
     pub(crate) fn voice(ms: u64) -> Vec<i16> {
         let n = ms * 16;
@@ -400,18 +415,7 @@ pub(crate) mod tests {
         out.extend(s.cut()); // nothing open: nothing
         out.extend(s.push(&voice(1000)));
         out.extend(s.finish());
-        let finals: Vec<(u32, u64, u64)> = out
-            .iter()
-            .filter_map(|x| match x {
-                Segment::Final {
-                    utterance,
-                    start_ms,
-                    end_ms,
-                    ..
-                } => Some((*utterance, *start_ms, *end_ms)),
-                _ => None,
-            })
-            .collect();
+        let finals = finals(&out);
         assert_eq!(finals.len(), 2, "{out:?}");
         assert_eq!(finals[0].0, 0);
         assert_eq!(finals[1].0, 1);

@@ -147,7 +147,7 @@ impl Drop for StreamSegmenter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audio::vad::tests::voice;
+    use crate::audio::vad::tests::{finals, voice};
 
     fn cfg() -> SegmenterConfig {
         SegmenterConfig {
@@ -157,20 +157,6 @@ mod tests {
             first_partial_ms: 0,
             early_final_ms: 0,
         }
-    }
-
-    fn finals(segs: &[Segment]) -> Vec<(u32, u64, u64)> {
-        segs.iter()
-            .filter_map(|s| match s {
-                Segment::Final {
-                    utterance,
-                    start_ms,
-                    end_ms,
-                    ..
-                } => Some((*utterance, *start_ms, *end_ms)),
-                _ => None,
-            })
-            .collect()
     }
 
     /// Streams interleaved on the shared thread each keep their own state: the same audio cut
