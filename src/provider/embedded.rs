@@ -155,39 +155,53 @@ impl Provider for EmbeddedProvider {
             first_partial_ms: self.settings.first_partial_ms,
             early_final_ms: self.settings.early_final_ms,
         };
-        let (input_tx, input_rx) = mpsc::channel::<ProviderInput>(64);
+        let (input_tx, mut input_rx) = mpsc::channel::<ProviderInput>(64);
         let (events_tx, events_rx) = mpsc::channel::<ProviderEvent>(256);
-        let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
-        let stream = StreamTask {
-            engine,
-            lang,
-            hotwords: opts
-                .hotword_list
-                .as_deref()
-                .and_then(|list| hotword_prompt(list, lang)),
-            text: TextOptions::of(opts),
-            word_info: opts.word_info.unwrap_or(0),
-            events: events_tx,
-            out: Vec::new(),
-            self_tx: reply_tx,
-            alive: Arc::new(AtomicBool::new(true)),
-            pending_finals: BTreeMap::new(),
-            partial_in_flight: false,
-            partial_stale: Arc::new(AtomicBool::new(false)),
-            open_utterance: 0,
-            finishing: false,
-            credits: MAX_PENDING_FINALS,
-            overdrawn: 0,
-            tentative: None,
-            awaited: BTreeMap::new(),
-            demoted: None,
-            next_tentative: 0,
-        };
-        let seg = StreamSegmenter::new(cfg);
+        let hotwords = opts
+            .hotword_list
+            .as_deref()
+            .and_then(|list| hotword_prompt(list, lang));
+        let text = TextOptions::of(opts);
+        let word_info = opts.word_info.unwrap_or(0);
         tokio::spawn(
-            stream
-                .run(seg, input_rx, reply_rx, cancel)
-                .in_current_span(),
+            async move {
+                // Until its first input a stream holds only what this future captured: no
+                // reply channel, no VAD state (10,000 idle sessions add up).
+                let first = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    m = input_rx.recv() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                };
+                let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
+                let stream = StreamTask {
+                    engine,
+                    lang,
+                    hotwords,
+                    text,
+                    word_info,
+                    events: events_tx,
+                    out: Vec::new(),
+                    self_tx: reply_tx,
+                    alive: Arc::new(AtomicBool::new(true)),
+                    pending_finals: BTreeMap::new(),
+                    partial_in_flight: false,
+                    partial_stale: Arc::new(AtomicBool::new(false)),
+                    open_utterance: 0,
+                    finishing: false,
+                    credits: MAX_PENDING_FINALS,
+                    overdrawn: 0,
+                    tentative: None,
+                    awaited: BTreeMap::new(),
+                    demoted: None,
+                    next_tentative: 0,
+                };
+                let seg = StreamSegmenter::new(cfg);
+                stream.run(seg, first, input_rx, reply_rx, cancel).await;
+            }
+            .in_current_span(),
         );
         Ok(ProviderStream {
             input: input_tx,
@@ -265,25 +279,32 @@ struct StreamTask {
 }
 
 impl StreamTask {
+    /// Handles `first`, then inputs and decode replies until the stream is done.
     async fn run(
         mut self,
         mut seg: StreamSegmenter,
+        first: ProviderInput,
         mut input: mpsc::Receiver<ProviderInput>,
         mut replies: mpsc::UnboundedReceiver<Reply>,
         cancel: CancellationToken,
     ) {
+        let mut first = Some(first);
         loop {
-            let keep_going = tokio::select! {
-                biased;
-                () = cancel.cancelled() => false,
-                // Never `None`: the task holds a sender itself.
-                Some(reply) = replies.recv() => self.on_reply(reply),
-                // Only while the stream has a final to spare: the segmenter may cut a final
-                // from any audio message.
-                m = input.recv(), if self.credits > 0 => match m {
-                    Some(m) => self.on_input(&mut seg, m).await,
-                    None => false,
-                },
+            let keep_going = if let Some(m) = first.take() {
+                self.on_input(&mut seg, m).await
+            } else {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => false,
+                    // Never `None`: the task holds a sender itself.
+                    Some(reply) = replies.recv() => self.on_reply(reply),
+                    // Only while the stream has a final to spare: the segmenter may cut a
+                    // final from any audio message.
+                    m = input.recv(), if self.credits > 0 => match m {
+                        Some(m) => self.on_input(&mut seg, m).await,
+                        None => false,
+                    },
+                }
             };
             if !self.flush(&cancel).await || !keep_going {
                 break;
