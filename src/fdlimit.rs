@@ -9,7 +9,7 @@
 //! reports the limit, that estimate and the descriptors open now.
 
 use crate::config::Config;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Descriptors kept for what the other terms do not count: the listener, the runtime's epoll
 /// and wake-up descriptors, the model file, standard streams, blocking threads' files.
@@ -19,8 +19,8 @@ pub const RESERVE: u64 = 64;
 /// ([`crate::store::redis`]).
 pub const REDIS_CONNECTIONS: u64 = 2;
 
-/// The budget as `GET /ready` shows it (`file_descriptors`).
-#[derive(Debug, Clone, Copy, Serialize)]
+/// The budget as `GET /ready` shows it (`file_descriptors`; `voxpoll doctor` reads it back).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct FdBudget {
     /// The soft `RLIMIT_NOFILE` now; `None` where the platform has none.
     pub limit: Option<u64>,
@@ -100,11 +100,7 @@ pub fn raise_and_check(config: &Config) -> FdBudget {
 
 /// The soft `RLIMIT_NOFILE`, where the platform has one.
 fn soft_limit() -> Option<u64> {
-    rlimit::Resource::NOFILE
-        .get()
-        .ok()
-        .map(|(soft, _)| soft)
-        .filter(|_| rlimit::Resource::NOFILE.is_supported())
+    rlimit::Resource::NOFILE.get().ok().map(|(soft, _)| soft)
 }
 
 /// Descriptors open now (Linux `/proc/self/fd`, less the one reading it).

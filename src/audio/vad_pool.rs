@@ -16,7 +16,7 @@ use super::vad::{Segment, Segmenter, SegmenterConfig};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use tokio::sync::oneshot;
 
 /// What a stream asks of its segmenter.
@@ -42,20 +42,16 @@ enum Job {
     },
 }
 
-/// The pool's thread, started with the first stream.
-struct Pool {
-    tx: Mutex<std_mpsc::Sender<Job>>,
-}
-
-fn pool() -> Result<&'static Pool, String> {
-    static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
+/// The sender to the pool's thread, which starts with the first stream that sends work.
+fn pool() -> Result<&'static std_mpsc::Sender<Job>, String> {
+    static POOL: OnceLock<Result<std_mpsc::Sender<Job>, String>> = OnceLock::new();
     POOL.get_or_init(|| {
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("vad-segmenters".into())
             .spawn(move || serve(&rx))
             .map_err(|e| format!("cannot start the VAD thread: {e}"))?;
-        Ok(Pool { tx: Mutex::new(tx) })
+        Ok(tx)
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -115,9 +111,7 @@ impl StreamSegmenter {
     /// The pool's thread cannot be started or has stopped (it only stops with the process).
     pub async fn run(&mut self, op: Op) -> Result<Vec<Segment>, String> {
         if self.tx.is_none() {
-            let pool = pool()?;
-            let tx = pool.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            self.tx = Some(tx);
+            self.tx = Some(pool()?.clone());
         }
         let (reply, answer) = oneshot::channel();
         let job = Job::Run {

@@ -84,20 +84,9 @@ pub struct Report {
     /// The body-size probe.
     pub body: BodyProbe,
     /// The server's file-descriptor budget from `GET /ready`, when it answers one.
-    pub file_descriptors: Option<FdProbe>,
+    pub file_descriptors: Option<crate::fdlimit::FdBudget>,
     /// What to change or use.
     pub verdict: Verdict,
-}
-
-/// The server's file-descriptor budget as `GET /ready` reports it ([`crate::fdlimit::FdBudget`]).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct FdProbe {
-    /// The server's soft `ulimit -n` (after its raise to the hard limit at start).
-    pub limit: Option<u64>,
-    /// What its configured limits may hold open.
-    pub needed: u64,
-    /// Descriptors it has open now.
-    pub open: Option<u64>,
 }
 
 /// Outcome of the WebSocket upgrade.
@@ -313,7 +302,7 @@ pub fn verdict(r: &Report) -> Verdict {
             r.buffering.total_ms.unwrap_or(0),
         )));
     }
-    if let Some(FdProbe {
+    if let Some(crate::fdlimit::FdBudget {
         limit: Some(limit),
         needed,
         ..

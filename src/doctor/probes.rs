@@ -43,7 +43,7 @@ pub(super) async fn probe_ready(
     http: &reqwest::Client,
     base: &str,
     timeout: Duration,
-) -> Option<super::FdProbe> {
+) -> Option<crate::fdlimit::FdBudget> {
     let r = http
         .get(format!("{base}/ready"))
         .timeout(timeout)
