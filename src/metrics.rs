@@ -1,8 +1,9 @@
 //! Prometheus metrics (`GET /metrics`): recorded through the `metrics` crate's macros where
 //! things happen, rendered by `metrics-exporter-prometheus` in the text exposition format.
 //! Gauges that describe the present (sessions by state, waiting polls, decode queue, file
-//! descriptors) are set when the endpoint is scraped. README's "Metrics" table lists every name; histograms are real
-//! Prometheus histograms (buckets in seconds) so `histogram_quantile` works on them.
+//! descriptors) are set when the endpoint is scraped. README's "Metrics" table lists every
+//! name; histograms are real Prometheus histograms (buckets in seconds) so
+//! `histogram_quantile` works on them.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -51,13 +52,13 @@ pub const PROVIDER_RESULT_LATENCY: &str = "voxpoll_provider_result_latency_secon
 pub const DECODE_QUEUE: &str = "voxpoll_decode_queue_depth";
 /// Embedded engine real-time factor of each decode (decode time ÷ audio decoded), by kind.
 pub const ENGINE_RTF: &str = "voxpoll_engine_rtf";
-/// Time one store write (event batch, progress, end) took to commit, by engine.
 /// Gauge: file descriptors the process has open (Prometheus's standard process metric name).
 pub const OPEN_FDS: &str = "process_open_fds";
 /// Gauge: the process's soft file-descriptor limit (`ulimit -n`; standard name).
 pub const MAX_FDS: &str = "process_max_fds";
 /// Gauge: what the configured limits may hold open ([`crate::fdlimit::needed`]).
 pub const FDS_NEEDED: &str = "voxpoll_fds_needed";
+/// Time one store write (event batch, progress, end) took to commit, by engine.
 pub const STORE_COMMIT: &str = "voxpoll_store_commit_duration_seconds";
 
 /// The process-wide recorder's handle, installed on first use (tests start many servers in one

@@ -22,7 +22,7 @@ use super::{
     StreamOptions,
 };
 use crate::audio::vad::{Segment, SegmenterConfig};
-use crate::audio::vad_pool::{Op, StreamSegmenter};
+use crate::audio::vad_pool::StreamSegmenter;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -167,13 +167,8 @@ impl Provider for EmbeddedProvider {
             async move {
                 // Until its first input a stream holds only what this future captured: no
                 // reply channel, no VAD state (10,000 idle sessions add up).
-                let first = tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => return,
-                    m = input_rx.recv() => match m {
-                        Some(m) => m,
-                        None => return,
-                    },
+                let Some(first) = super::next_input(&mut input_rx, &cancel).await else {
+                    return;
                 };
                 let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
                 let stream = StreamTask {
@@ -315,13 +310,7 @@ impl StreamTask {
 
     /// Segments one input and acts on the segments; false once the stream is done.
     async fn on_input(&mut self, seg: &mut StreamSegmenter, m: ProviderInput) -> bool {
-        let (op, finish) = match m {
-            ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } => {
-                (Op::Push(pcm), false)
-            }
-            ProviderInput::Finalize => (Op::Cut, false),
-            ProviderInput::Finish => (Op::Finish, true),
-        };
+        let (op, finish) = m.segmenter_op();
         match seg.run(op).await {
             Ok(segs) => self.handle(segs),
             Err(message) => {

@@ -98,6 +98,31 @@ pub enum ProviderInput {
     Finish,
 }
 
+impl ProviderInput {
+    /// What a VAD-segmented stream asks its segmenter for this input, and whether it is the
+    /// last ([`ProviderInput::Finish`]).
+    pub(crate) fn segmenter_op(self) -> (crate::audio::vad_pool::Op, bool) {
+        use crate::audio::vad_pool::Op;
+        match self {
+            Self::Audio(pcm) | Self::Encoded { pcm, .. } => (Op::Push(pcm), false),
+            Self::Finalize => (Op::Cut, false),
+            Self::Finish => (Op::Finish, true),
+        }
+    }
+}
+
+/// The next input of a stream, or `None` once it is cancelled or its sender is gone.
+pub(crate) async fn next_input(
+    input: &mut mpsc::Receiver<ProviderInput>,
+    cancel: &CancellationToken,
+) -> Option<ProviderInput> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        m = input.recv() => m,
+    }
+}
+
 /// One word with its times (Tencent `word_list`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Word {

@@ -9,7 +9,7 @@
 
 use super::{ProviderError, ProviderEvent, ProviderInput, ProviderStream, Recognition};
 use crate::audio::vad::{Segment, SegmenterConfig};
-use crate::audio::vad_pool::{Op, StreamSegmenter};
+use crate::audio::vad_pool::StreamSegmenter;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -67,21 +67,10 @@ pub fn open(
     tokio::spawn(
         async move {
             loop {
-                let m = tokio::select! {
-                    biased;
-                    () = seg_cancel.cancelled() => return,
-                    m = in_rx.recv() => match m {
-                        Some(m) => m,
-                        None => return,
-                    },
+                let Some(m) = super::next_input(&mut in_rx, &seg_cancel).await else {
+                    return;
                 };
-                let (op, last) = match m {
-                    ProviderInput::Audio(pcm) | ProviderInput::Encoded { pcm, .. } => {
-                        (Op::Push(pcm), false)
-                    }
-                    ProviderInput::Finalize => (Op::Cut, false),
-                    ProviderInput::Finish => (Op::Finish, true),
-                };
+                let (op, last) = m.segmenter_op();
                 let segs = match seg.run(op).await {
                     Ok(segs) => segs,
                     Err(message) => {

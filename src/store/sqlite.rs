@@ -94,11 +94,11 @@ fn wait_for_lock(calls: i32) -> bool {
     calls < FAST + 5_000
 }
 
-/// How often the background task checkpoints the WAL into the database file.
 /// Pooled SQLite connections (deadpool's default would be 4 per core): reads run in
 /// parallel, writes take SQLite's one write lock in turn. Each holds up to three files open.
 pub const POOL_SIZE: usize = 8;
 
+/// How often the background task checkpoints the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// How often the background task removes chunk files of sessions that are not running.
